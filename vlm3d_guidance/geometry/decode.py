@@ -1,0 +1,118 @@
+"""Hunyuan latent -> field on a grid (dense, no grad) and -> mesh (sparse, differentiable).
+
+hy3dgen's VAE decodes ``h = vae(x0 / vae.scale_factor)`` (post-KL + transformer), then
+``vae.geo_decoder(queries=[B, Q, 3], latents=h) -> [B, Q, 1]``, a field POSITIVE inside with the
+surface at ``mc_level``. We convert it exactly once, here, to the package's SDF convention:
+
+    sdf = mc_level - field        # negative inside, surface at 0
+
+The grid is :class:`~.grid.FieldGrid` ``(resolution, box_v)``: ``resolution + 1`` points per axis on
+``[-box_v, box_v]`` -- the same points as hy3dgen's ``VanillaVolumeDecoder`` with
+``octree_resolution=resolution, bounds=box_v`` (see grid.py for the stock extractor's off-by-one that
+we do not copy).
+
+:func:`decode_surface` only pays autograd memory for the surface: the dense grid is decoded without
+gradients (chunked), marching cubes takes its topology from it, and then only the two grid points of
+every crossing edge (about two per vertex) are decoded again WITH gradients through ``geo_decoder``
+and ``h``; vertices are interpolated from those values (marching_cubes.MCTopology.vertices). The
+result equals marching cubes on a densely-decoded-with-grad field, values and gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .grid import FieldGrid
+from .marching_cubes import extract_topology
+
+
+def _latent_tokens(vae, x0: torch.Tensor) -> torch.Tensor:
+    """``h = vae(x0 / vae.scale_factor)`` -- ``[B, L, width]``, with whatever grad mode is active."""
+    return vae(x0 / vae.scale_factor)
+
+
+def _decode_points(vae, h: torch.Tensor, pts: torch.Tensor, num_chunks: int) -> torch.Tensor:
+    """``geo_decoder`` at ``pts [P, 3]`` for every batch row of ``h``: ``[B, P]`` (grad mode as set)."""
+    out = []
+    b = h.shape[0]
+    for s in range(0, pts.shape[0], num_chunks):
+        q = pts[s: s + num_chunks].unsqueeze(0).expand(b, -1, -1)
+        out.append(vae.geo_decoder(queries=q, latents=h)[..., 0])
+    if not out:
+        return h.new_zeros(b, 0)
+    return torch.cat(out, dim=1)
+
+
+def _field_to_sdf(field: torch.Tensor, mc_level: float) -> torch.Tensor:
+    """Hunyuan field (positive inside, level ``mc_level``) -> SDF (negative inside, level 0)."""
+    return mc_level - field
+
+
+@torch.no_grad()
+def _dense_sdf(vae, h: torch.Tensor, grid: FieldGrid, mc_level: float, num_chunks: int):
+    pts = grid.points(h.device, h.dtype)
+    field = _decode_points(vae, h, pts, num_chunks)
+    field = field.to(torch.promote_types(field.dtype, torch.float32))
+    sdf = _field_to_sdf(field, mc_level).reshape(h.shape[0], *grid.shape)
+    bad = torch.isnan(sdf)
+    if bad.any():  # NaN (unknown cells of hierarchical decoders) -> outside
+        finite = sdf[torch.isfinite(sdf)]
+        big = float(finite.abs().max()) if finite.numel() else 1.0
+        sdf = torch.where(bad, sdf.new_tensor(max(big, 1e-6)), sdf)
+    return sdf
+
+
+def decode_field(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1.01,
+                 mc_level: float = 0.0, num_chunks: int = 8000) -> torch.Tensor:
+    """Dense SDF grid from a clean latent, without gradients.
+
+    Args:
+        vae: hy3dgen ``ShapeVAE`` (anything with ``__call__``, ``scale_factor``, ``geo_decoder``).
+        x0: ``[B, L, C]`` clean latent (as the DiT produces it, before ``1 / scale_factor``).
+        resolution: cells per axis; the grid has ``resolution + 1`` points per axis.
+        box_v: half extent of the box ``[-box_v, box_v]^3``.
+        mc_level: hy3dgen's iso level of the raw field.
+        num_chunks: query points per ``geo_decoder`` call (bounds memory).
+
+    Returns:
+        ``[B, R, R, R]`` (float32, or float64 for a float64 model) with ``R = resolution + 1``, axis order x, y, z, NEGATIVE inside,
+        surface at 0 (``sdf = mc_level - field``); NaN replaced by an outside value.
+    """
+    grid = FieldGrid(resolution, box_v)
+    with torch.no_grad():
+        h = _latent_tokens(vae, x0)
+        return _dense_sdf(vae, h, grid, mc_level, num_chunks)
+
+
+def decode_surface(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1.01,
+                   mc_level: float = 0.0, num_chunks: int = 8000, return_sdf: bool = False):
+    """Meshes from a clean latent whose vertices are differentiable w.r.t. ``x0``.
+
+    Args: as :func:`decode_field`.
+
+    Returns:
+        list of ``B`` pairs ``(verts [V, 3] world coords, faces [F, 3] long)`` (outward winding,
+        empty ``(0, 3)`` tensors where the field has no surface). Vertex dtype is ``h``'s dtype
+        promoted to at least float32. With ``return_sdf=True`` also the dense no-grad SDF
+        ``[B, R, R, R]`` used for the topology: ``(meshes, sdf)``.
+    """
+    grid = FieldGrid(resolution, box_v)
+    h = _latent_tokens(vae, x0)  # WITH grad (if enabled): [B, L, W]
+    sdf = _dense_sdf(vae, h.detach(), grid, mc_level, num_chunks)
+    vdtype = torch.promote_types(h.dtype, torch.float32)
+    meshes = []
+    for b in range(h.shape[0]):
+        topo = extract_topology(sdf[b], grid, 0.0)
+        if topo.is_empty:
+            meshes.append((torch.zeros(0, 3, dtype=vdtype, device=h.device),
+                           torch.zeros(0, 3, dtype=torch.long, device=h.device)))
+            continue
+        flat, inv0, inv1 = topo.endpoints()
+        pts = grid.points_at(flat.to(h.device), h.dtype)
+        s = _field_to_sdf(_decode_points(vae, h[b: b + 1], pts, num_chunks)[0].to(vdtype), mc_level)
+        big = topo.outside_value
+        s = torch.nan_to_num(s, nan=big, posinf=big, neginf=-big)
+        inv0, inv1 = inv0.to(h.device), inv1.to(h.device)
+        verts = topo.vertices(s[inv0], s[inv1], 0.0)
+        meshes.append((verts, topo.faces.to(h.device)))
+    return (meshes, sdf) if return_sdf else meshes
