@@ -422,10 +422,7 @@ def critic_rewards(
         images = torch.as_tensor(images, dtype=torch.float32).to(device)
     out: dict[str, float] = {}
     for name in queries:
-        if getattr(critic, "query", None) == name and getattr(critic, "reward_mode", "logit") == "logit":
-            scorer = critic
-        else:
-            scorer = VLMCritic(critic.model, critic.processor, query=name, reward_mode="logit")
+        scorer = VLMCritic(critic.model, critic.processor, query=name, reward_mode="logit")
         with torch.no_grad():
             out[name] = _to_float(scorer.reward(images, prompt))
     return out
@@ -435,19 +432,19 @@ def critic_rewards(
 # CLIP text-to-image similarity
 # --------------------------------------------------------------------------------------------------
 
-_CLIP_CACHE: dict[str, tuple[Any, Any]] = {}
+_CLIP_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
-def _load_clip(clip_model: Any):
-    """``(model, processor)`` from a local folder / hub id (cached per name) or a given pair."""
+def _load_clip(clip_model: Any, device: Any = "cpu"):
+    """``(model, processor)`` from a local folder / hub id (cached per name and device) or a given pair."""
     if isinstance(clip_model, tuple):
         return clip_model
-    key = str(clip_model)
+    key = (str(clip_model), str(device))
     if key not in _CLIP_CACHE:
         from transformers import CLIPModel, CLIPProcessor
 
-        model = CLIPModel.from_pretrained(key).eval()
-        processor = CLIPProcessor.from_pretrained(key)
+        model = CLIPModel.from_pretrained(key[0]).to(device).eval()
+        processor = CLIPProcessor.from_pretrained(key[0])
         _CLIP_CACHE[key] = (model, processor)
     return _CLIP_CACHE[key]
 
@@ -479,7 +476,7 @@ def _to_pil_list(images: Any) -> list:
     return [Image.fromarray(x) for x in u8]
 
 
-def clip_similarity(images: Any, text: str, clip_model: Any) -> float:
+def clip_similarity(images: Any, text: str, clip_model: Any, device: Any = "cpu") -> float:
     """Mean cosine similarity between each image and ``text`` under a CLIP model.
 
     Args:
@@ -488,7 +485,9 @@ def clip_similarity(images: Any, text: str, clip_model: Any) -> float:
         text: the description.
         clip_model: a local folder or hub id loadable by transformers' ``CLIPModel`` /
             ``CLIPProcessor``, an ``open_clip:<architecture>/<pretrained>`` spec when open_clip
-            is installed, or a ready ``(model, processor)`` pair of transformers objects.
+            is installed, or a ready ``(model, processor)`` pair of transformers objects. Models
+            loaded by name are cached for the process.
+        device: where a model loaded by name runs.
 
     Returns:
         ``mean_i cos(f_img(x_i), f_txt(text))``. CLIP-D in the paper's spirit is ``1 - similarity``.
@@ -497,8 +496,8 @@ def clip_similarity(images: Any, text: str, clip_model: Any) -> float:
 
     pil = _to_pil_list(images)
     if isinstance(clip_model, str) and clip_model.startswith("open_clip:"):
-        return _open_clip_similarity(pil, text, clip_model[len("open_clip:"):])
-    model, processor = _load_clip(clip_model)
+        return _open_clip_similarity(pil, text, clip_model[len("open_clip:"):], device)
+    model, processor = _load_clip(clip_model, device)
     device = _model_device(model)
     inputs = processor(text=[text], images=pil, return_tensors="pt", padding=True)
     inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
@@ -509,7 +508,7 @@ def clip_similarity(images: Any, text: str, clip_model: Any) -> float:
     return float((img @ txt[0]).mean().item())
 
 
-def _open_clip_similarity(pil: list, text: str, spec: str) -> float:
+def _open_clip_similarity(pil: list, text: str, spec: str, device: Any = "cpu") -> float:
     """The same number with open_clip (``spec`` = ``architecture/pretrained``, e.g. ``ViT-B-32/openai``)."""
     try:
         import open_clip
@@ -520,10 +519,10 @@ def _open_clip_similarity(pil: list, text: str, spec: str) -> float:
     arch, _, pretrained = spec.partition("/")
     model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
     tokenizer = open_clip.get_tokenizer(arch)
-    model.eval()
+    model = model.to(device).eval()
     with torch.no_grad():
-        img = model.encode_image(torch.stack([preprocess(p) for p in pil]))
-        txt = model.encode_text(tokenizer([text]))
+        img = model.encode_image(torch.stack([preprocess(p) for p in pil]).to(device))
+        txt = model.encode_text(tokenizer([text]).to(device))
     img = torch.nn.functional.normalize(img.float(), dim=-1)
     txt = torch.nn.functional.normalize(txt.float(), dim=-1)
     return float((img @ txt[0]).mean().item())
@@ -705,6 +704,7 @@ def evaluate_folder(
     size: int = 224,
     chamfer_samples: int = 10000,
     seed: int = 0,
+    device: Any = "cpu",
 ) -> dict:
     """Evaluate a ``vlm3d-guide`` output folder and write its report next to the meshes.
 
@@ -720,6 +720,7 @@ def evaluate_folder(
         prompt: the description; default ``config.json``'s ``"prompt"``.
         num_views, elevation, size: the clay views rendered for the critic, CLIP and the figure.
         chamfer_samples, seed: the pair's chamfer distance sampling.
+        device: where a critic or CLIP model given by name is loaded.
 
     Returns:
         The report dict (also in ``report.json``): ``folder``, ``prompt``, ``config``, ``meshes``,
@@ -778,7 +779,7 @@ def evaluate_folder(
             from vlm3d_guidance.critic import VLMCritic
 
             report["critic_model"] = str(critic)
-            critic = VLMCritic.from_pretrained(str(critic), device="cpu")
+            critic = VLMCritic.from_pretrained(str(critic), device=device)
         report["rewards"] = {
             name: (critic_rewards(meshes[name], critic, prompt, images=v) if v is not None else None)
             for name, v in views.items()
@@ -794,7 +795,7 @@ def evaluate_folder(
             if v is None:
                 clip[name] = None
                 continue
-            sim = clip_similarity(v, prompt, clip_model)
+            sim = clip_similarity(v, prompt, clip_model, device=device)
             clip[name] = {"similarity": sim, "clip_d": 1.0 - sim}
         report["clip"] = clip
     elif clip_model is not None and not prompt:
