@@ -91,7 +91,7 @@ def _merged(mesh: trimesh.Trimesh) -> tuple[trimesh.Trimesh, int]:
 
     Returns the new mesh and the number of faces dropped.
     """
-    verts = np.asarray(mesh.vertices, dtype=np.float64)
+    verts = np.asarray(mesh.vertices, dtype=np.float64) + 0.0  # + 0.0 turns -0.0 into 0.0
     faces = np.asarray(mesh.faces, dtype=np.int64)
     if len(faces) == 0:
         return trimesh.Trimesh(), 0
