@@ -1,0 +1,167 @@
+"""Pure-torch rasterizer with nvdiffrast's conventions (CPU or CUDA).
+
+Conventions (shared by both backends):
+
+- ``pos``: clip-space vertex positions ``[B, V, 4]`` (OpenGL: ``ndc = xyz / w``); ``tri``: ``[F, 3]``
+  integer vertex indices shared by all ``B`` images.
+- ``rast = rasterize(pos, tri, (H, W))``: ``[B, H, W, 4]`` (float32; float64 for float64 ``pos``) = ``(u, v, z/w, triangle_id + 1)``;
+  ``triangle_id + 1 == 0`` marks background (then ``u = v = z/w = 0``). Row 0 is the BOTTOM of the
+  image (ndc ``y = -1``), column 0 the left; pixel ``(row r, col c)`` samples its centre
+  ``ndc = ((2c + 1) / W - 1, (2r + 1) / H - 1)``.
+- Barycentrics: an attribute interpolates as ``u * a[tri[:, 0]] + v * a[tri[:, 1]] + (1 - u - v) *
+  a[tri[:, 2]]``; ``(u, v)`` are perspective-correct (weights of the 3D surface point).
+- Gradients: visibility (which triangle covers a pixel) comes from a z-buffer and has no gradient;
+  ``u, v, z/w`` are recomputed differentiably from ``pos`` for covered pixels. Silhouette gradients
+  come only from :func:`~vlm3d_guidance.render.antialias.antialias`.
+
+Triangles with a vertex at ``w <= 0`` (behind the camera) are dropped, not clipped; fragments outside
+``-1 <= z/w <= 1`` are discarded. Coverage includes pixel centres exactly on an edge; shared edges
+are tested with bit-identical edge functions from both sides, so closed meshes have no pinholes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+def _as_batched(pos: torch.Tensor) -> torch.Tensor:
+    if pos.dim() == 2:
+        pos = pos.unsqueeze(0)
+    if pos.dim() != 3 or pos.shape[-1] != 4:
+        raise ValueError(f"pos must be [B, V, 4] clip-space positions, got {tuple(pos.shape)}")
+    return pos
+
+
+@torch.no_grad()
+def visibility(pos: torch.Tensor, tri: torch.Tensor, resolution) -> torch.Tensor:
+    """Z-buffer: ``[B, H, W]`` long triangle id + 1 of the nearest fragment (0 = background)."""
+    pos = _as_batched(pos).detach()
+    H, W = int(resolution[0]), int(resolution[1])
+    B, F = pos.shape[0], tri.shape[0]
+    dev = pos.device
+    out = torch.full((B * H * W,), _INT64_MAX, dtype=torch.int64, device=dev)
+    if F == 0:
+        return torch.zeros(B, H, W, dtype=torch.long, device=dev)
+    tri = tri.long()
+    w = pos[..., 3]
+    wsafe = torch.where(w.abs() > 1e-12, w, torch.ones_like(w))
+    sx = (pos[..., 0] / wsafe + 1.0) * (0.5 * W)  # pixel units, centre of col c at c + 0.5
+    sy = (pos[..., 1] / wsafe + 1.0) * (0.5 * H)
+    sz = pos[..., 2] / wsafe
+    # canonical edge functions: each undirected edge evaluated from its lower vertex index
+    tx, ty = sx[:, tri], sy[:, tri]  # [B, F, 3]
+    ok = (w[:, tri] > 1e-12).all(-1)
+    x0, x1 = tx.amin(-1), tx.amax(-1)
+    y0, y1 = ty.amin(-1), ty.amax(-1)
+    cx0 = torch.ceil(x0 - 0.5).clamp_min(0).long()
+    cx1 = torch.floor(x1 - 0.5).clamp_max(W - 1).long()
+    cy0 = torch.ceil(y0 - 0.5).clamp_min(0).long()
+    cy1 = torch.floor(y1 - 0.5).clamp_max(H - 1).long()
+    bw = (cx1 - cx0 + 1).clamp_min(0)
+    bh = (cy1 - cy0 + 1).clamp_min(0)
+    cnt = torch.where(ok, bw * bh, torch.zeros_like(bw)).reshape(-1)
+    sel = torch.nonzero(cnt > 0).squeeze(1)
+    if sel.numel() == 0:
+        return torch.zeros(B, H, W, dtype=torch.long, device=dev)
+    cnt = cnt[sel]
+    total = int(cnt.sum())
+    owner = torch.repeat_interleave(torch.arange(sel.numel(), device=dev), cnt)
+    start = torch.cumsum(cnt, 0) - cnt
+    local = torch.arange(total, device=dev) - start[owner]
+    g = sel[owner]  # global (b * F + f)
+    b, f = g // F, g % F
+    bwg = bw.reshape(-1)[g]
+    px = (cx0.reshape(-1)[g] + local % bwg)
+    py = (cy0.reshape(-1)[g] + local // bwg)
+    fx, fy = px.to(sx.dtype) + 0.5, py.to(sy.dtype) + 0.5
+    vi = tri[f]  # [T, 3]
+    e_sum = []
+    for k in range(3):
+        i, j = vi[:, k], vi[:, (k + 1) % 3]
+        lo, hi = torch.minimum(i, j), torch.maximum(i, j)
+        xa, ya, xb, yb = sx[b, lo], sy[b, lo], sx[b, hi], sy[b, hi]
+        e = (xb - xa) * (fy - ya) - (yb - ya) * (fx - xa)
+        e_sum.append(torch.where(i < j, e, -e))
+    e0, e1, e2 = e_sum  # e_k: edge (v_k, v_k+1); opposite vertex v_k+2
+    area = e0 + e1 + e2  # = 2 * signed area, evaluated at the pixel (constant up to rounding)
+    inside = (((e0 >= 0) & (e1 >= 0) & (e2 >= 0)) | ((e0 <= 0) & (e1 <= 0) & (e2 <= 0))) & (area != 0)
+    # screen-space barycentric of v_k is e_{k+1} / area; z/w is affine in screen space
+    zb = (e1 * sz[b, vi[:, 0]] + e2 * sz[b, vi[:, 1]] + e0 * sz[b, vi[:, 2]]) / torch.where(area != 0, area, torch.ones_like(area))
+    inside &= (zb >= -1.0) & (zb <= 1.0)
+    d01 = ((zb.float() + 1.0) * 0.5).clamp(0.0, 1.0)[inside]
+    key = (d01.view(torch.int32).long() << 32) | f[inside]
+    pix = (b * H + py) * W + px
+    out.scatter_reduce_(0, pix[inside], key, reduce="amin", include_self=True)
+    hit = out != _INT64_MAX
+    ids = torch.where(hit, (out & 0xFFFFFFFF) + 1, torch.zeros_like(out))
+    return ids.reshape(B, H, W)
+
+
+def barycentrics(pos: torch.Tensor, tri: torch.Tensor, b: torch.Tensor, f: torch.Tensor,
+                 px: torch.Tensor, py: torch.Tensor, resolution):
+    """Differentiable perspective-correct ``(u, v, z/w)`` of triangle ``f`` in image ``b`` at pixel
+    centres ``(px, py)`` (integer column/row, row 0 at the bottom). All index tensors ``[P]``.
+
+    Solves ``sum_i l_i (x_i - X w_i, y_i - Y w_i) = 0``, ``sum_i l_i = 1`` in clip space, where
+    ``(X, Y)`` is the pixel centre in ndc: ``l`` are the 3D (perspective-correct) weights.
+    """
+    H, W = int(resolution[0]), int(resolution[1])
+    c = pos[b[:, None], tri[f].long()]  # [P, 3, 4]
+    X = ((2 * px + 1).to(c.dtype) / W - 1.0)[:, None]
+    Y = ((2 * py + 1).to(c.dtype) / H - 1.0)[:, None]
+    ax = c[..., 0] - X * c[..., 3]
+    ay = c[..., 1] - Y * c[..., 3]
+    m00, m01 = ax[:, 0] - ax[:, 2], ax[:, 1] - ax[:, 2]
+    m10, m11 = ay[:, 0] - ay[:, 2], ay[:, 1] - ay[:, 2]
+    det = m00 * m11 - m01 * m10
+    det = torch.where(det.abs() > 0, det, torch.full_like(det, 1e-30))
+    u = (-ax[:, 2] * m11 + ay[:, 2] * m01) / det
+    v = (-m00 * ay[:, 2] + m10 * ax[:, 2]) / det
+    wgt = torch.stack([u, v, 1.0 - u - v], dim=-1)
+    zw = (wgt * c[..., 2]).sum(-1) / (wgt * c[..., 3]).sum(-1)
+    return u, v, zw
+
+
+def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution) -> torch.Tensor:
+    """``rast [B, H, W, 4] = (u, v, z/w, triangle_id + 1)``; see the module doc for conventions."""
+    pos = _as_batched(pos)
+    H, W = int(resolution[0]), int(resolution[1])
+    B = pos.shape[0]
+    ids = visibility(pos, tri, (H, W)).reshape(-1)
+    cov = torch.nonzero(ids).squeeze(1)
+    rdt = torch.promote_types(pos.dtype, torch.float32)
+    rast = torch.zeros(B * H * W, 4, dtype=rdt, device=pos.device)
+    if cov.numel() == 0:
+        return rast.reshape(B, H, W, 4)
+    f = ids[cov] - 1
+    b, rem = cov // (H * W), cov % (H * W)
+    py, px = rem // W, rem % W
+    u, v, zw = barycentrics(pos, tri, b, f, px, py, (H, W))
+    vals = torch.stack([u, v, zw, (f + 1).to(u.dtype)], dim=-1).to(rdt)
+    rast = rast.index_put((cov,), vals)
+    return rast.reshape(B, H, W, 4)
+
+
+def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
+    """Interpolate vertex attributes ``[V, C]``, ``[1, V, C]`` or ``[B, V, C]`` -> ``[B, H, W, C]``
+    (zeros on background). Differentiable w.r.t. ``attr`` and ``rast``'s ``(u, v)``."""
+    if attr.dim() == 2:
+        attr = attr.unsqueeze(0)
+    B, H, W, _ = rast.shape
+    C = attr.shape[-1]
+    flat = rast.reshape(-1, 4)
+    ids = flat[:, 3].detach().round().long()
+    cov = torch.nonzero(ids).squeeze(1)
+    out_dtype = torch.promote_types(attr.dtype, rast.dtype)
+    out = torch.zeros(B * H * W, C, dtype=out_dtype, device=rast.device)
+    if cov.numel() == 0:
+        return out.reshape(B, H, W, C)
+    f = ids[cov] - 1
+    bi = cov // (H * W) if attr.shape[0] > 1 else torch.zeros_like(cov)
+    a = attr[bi[:, None], tri[f].long()]  # [P, 3, C]
+    u, v = flat[cov, 0:1], flat[cov, 1:2]
+    val = u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
+    out = out.index_put((cov,), val.to(out_dtype))
+    return out.reshape(B, H, W, C)
