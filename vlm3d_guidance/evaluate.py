@@ -349,17 +349,18 @@ def render_clay_views(
 
     Uses :func:`vlm3d_guidance.render.orbit_cameras` and :func:`vlm3d_guidance.render.render_views`
     (imported here, so a missing render stage only disables the functions that need pixels). The
-    mesh is rendered in its own frame (Hunyuan3D meshes live in ``[-1.01, 1.01]^3``); no
-    normalisation is applied, so a baseline and a guided mesh are seen by the same cameras.
+    mesh is rendered in its own frame (Hunyuan3D meshes live in ``[-1.01, 1.01]^3``, which the
+    orbit frames); no normalisation is applied, so a baseline and a guided mesh are seen by the
+    same cameras. Coincident vertices are merged first (a welded mesh shades smoothly).
     """
     import torch
 
     from vlm3d_guidance.render import orbit_cameras, render_views
 
-    m = _as_trimesh(mesh)
-    verts = torch.as_tensor(np.asarray(m.vertices), dtype=torch.float32, device=device)
-    faces = torch.as_tensor(np.asarray(m.faces), dtype=torch.long, device=device)
-    cams = orbit_cameras(num_views=num_views, elevation=elevation)
+    m, _ = _merged(_as_trimesh(mesh))  # welded: smooth clay shading and silhouette antialias
+    verts = torch.as_tensor(np.asarray(m.vertices), dtype=torch.float32, device=device).reshape(-1, 3)
+    faces = torch.as_tensor(np.asarray(m.faces), dtype=torch.long, device=device).reshape(-1, 3)
+    cams = orbit_cameras(num_views=num_views, elevation=elevation, device=device)
     with torch.no_grad():
         images = _images_from_render(render_views(verts, faces, cams, size=size, shading="clay"))
     return images.detach().float().clamp(0.0, 1.0)
@@ -668,8 +669,8 @@ def _figure_png(views: Mapping[str, Any], title: str = "") -> bytes:
             ax = axes[r][c]
             ax.set_xticks([])
             ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
+            for spine in ax.spines.values():  # a light frame: clay views have a white background
+                spine.set_edgecolor("0.85")
             if c < arr.shape[0]:
                 ax.imshow(np.clip(arr[c, :3].transpose(1, 2, 0), 0.0, 1.0))
             if c == 0:
