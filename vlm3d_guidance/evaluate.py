@@ -683,6 +683,17 @@ def _figure_png(views: Mapping[str, Any], title: str = "") -> bytes:
     return buf.getvalue()
 
 
+def _strict_json(value: Any) -> Any:
+    """``value`` with NaN/inf floats replaced by None, so that ``report.json`` is strict JSON."""
+    if isinstance(value, Mapping):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
+        return None
+    return value
+
+
 def _json_default(value: Any):
     if isinstance(value, (np.integer,)):
         return int(value)
@@ -814,5 +825,5 @@ def evaluate_folder(
     json_path, md_path = folder / "report.json", folder / "report.md"
     report["paths"] = {"json": str(json_path), "md": str(md_path), "png": report["figure"]}
     _atomic_write(md_path, report_markdown(report).encode("utf-8"))
-    _atomic_write(json_path, (json.dumps(report, indent=2, default=_json_default) + "\n").encode("utf-8"))
+    _atomic_write(json_path, (json.dumps(_strict_json(report), indent=2, default=_json_default, allow_nan=False) + "\n").encode("utf-8"))
     return report
