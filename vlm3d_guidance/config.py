@@ -52,7 +52,8 @@ class GuidanceConfig:
             4 views at 20 degrees elevation, 40 degrees fov, 448 px (a multiple of 28, so the
             Qwen-VL preprocessing is exact), clay shading (geometry only, like the paper's
             untextured Hunyuan shapes); backend "auto" = nvdiffrast on CUDA when installed.
-        grid_resolution: the guidance field grid (points per axis). 64 keeps decoding and marching
+        grid_resolution: the guidance field grid in cells per axis (points = cells + 1, as hy3dgen's
+            ``octree_resolution`` and on the same bounds). 64 keeps decoding and marching
             cubes cheap at every step; the exported mesh still uses ``octree_resolution``.
     """
 
