@@ -37,12 +37,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 import trimesh
+
+from .outputs import atomic_write_bytes
 
 #: Query templates scored by :func:`critic_rewards`, in report order.
 QUERY_NAMES = ("dual", "content", "geometry")
@@ -543,22 +544,6 @@ def find_mesh(folder: str | os.PathLike, stem: str) -> Path | None:
     return None
 
 
-def _atomic_write(path: Path, data: bytes) -> Path:
-    """Write ``data`` to a temporary file in ``path``'s folder, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def _fmt(value: Any) -> str:
     """One Markdown table cell."""
     if value is None:
@@ -816,7 +801,7 @@ def evaluate_folder(
     png_path = folder / "report.png"
     report["figure"] = None
     if views and any(v is not None for v in views.values()):
-        _atomic_write(png_path, _figure_png(views, prompt or ""))
+        atomic_write_bytes(png_path, _figure_png(views, prompt or ""))
         report["figure"] = str(png_path)
     elif views:
         notes.append("both meshes are empty: no figure")
@@ -824,6 +809,6 @@ def evaluate_folder(
     report["notes"] = notes
     json_path, md_path = folder / "report.json", folder / "report.md"
     report["paths"] = {"json": str(json_path), "md": str(md_path), "png": report["figure"]}
-    _atomic_write(md_path, report_markdown(report).encode("utf-8"))
-    _atomic_write(json_path, (json.dumps(_strict_json(report), indent=2, default=_json_default, allow_nan=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(md_path, report_markdown(report).encode("utf-8"))
+    atomic_write_bytes(json_path, (json.dumps(_strict_json(report), indent=2, default=_json_default, allow_nan=False) + "\n").encode("utf-8"))
     return report
