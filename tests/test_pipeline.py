@@ -282,3 +282,18 @@ def test_lambda_schedules_and_window():
     assert cos.lam_at(0, n) == 2.0 and abs(cos.lam_at(5, n) - 1.0) < 1e-12
     win = GuidanceConfig(lam=1.0, start=0.2, end=0.6, every=2)
     assert [i for i in range(n) if win.lam_at(i, n) > 0] == [2, 4]
+
+
+def test_critic_in_another_dtype_than_the_generator(hunyuan_root, tmp_path):
+    """A bf16 critic steering a float32 Hunyuan: finite float32 updates, latents stay float32."""
+    critic_bf16 = VLMCritic.from_pretrained(build_tiny_qwen("qwen2_5_vl", root=tmp_path), device="cpu",
+                                            dtype=torch.bfloat16)
+    assert critic_bf16.dtype == torch.bfloat16
+    pipe = GuidedHunyuanPipeline(load_tiny_hunyuan_pipeline("standard", root=hunyuan_root), critic_bf16,
+                                 GuidanceConfig(**FAST))
+    out = pipe(image=_image(0), prompt="a red box", generator=torch.manual_seed(0), output_type="latent",
+               return_dict=True, **CALL)
+    assert out.latents.dtype == torch.float32 and torch.isfinite(out.latents).all()
+    guided = [r for r in out.trace if r.guided]
+    assert len(guided) == CALL["num_inference_steps"] - 1
+    assert all(math.isfinite(r.grad_norm[0]) and r.grad_norm[0] > 0 for r in guided)
