@@ -765,17 +765,6 @@ def _say(message: str) -> None:
     print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
-def _prepare(args, quiet: bool):
-    """Shared checks of a run or batch: settings, devices, backend, models. Loads nothing."""
-    file_cfg = read_config_file(args.config_file) if getattr(args, "config_file", None) else None
-    s = resolve_settings(args, file_cfg["settings"] if file_cfg else None)
-    check_settings(s)
-    devices = resolve_devices(s)
-    check_backend(s, devices)
-    sources = check_models(s)
-    return s, devices, sources, file_cfg
-
-
 def run_single(argv: list) -> int:
     args = build_parser().parse_args(argv)
     quiet = args.quiet
@@ -794,7 +783,7 @@ def run_single(argv: list) -> int:
     if s["tiny"]:
         print(TINY_NOTICE, file=sys.stderr, flush=True)
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+        _silence_progress_bars()
     else:
         _say(f"Hunyuan3D {s['model_path']}/{s['subfolder']}: {sources['hunyuan']}")
         _say(f"critic {s['critic']}: {sources['critic']}")
@@ -1014,7 +1003,7 @@ def run_batch(argv: list) -> int:
     if s["tiny"]:
         print(TINY_NOTICE, file=sys.stderr, flush=True)
     if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+        _silence_progress_bars()
     else:
         where = f" (rank {rank} of {world})" if world > 1 else ""
         _say(f"batch{where}: {len(jobs)} jobs, {len(mine)} mine, {len(mine) - len(todo)} already done, "
@@ -1106,7 +1095,7 @@ def run_eval(argv: list) -> int:
     devices = resolve_devices(dict(DEFAULTS, device=args.device or "auto", tiny=bool(args.tiny)))
 
     if args.quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+        _silence_progress_bars()
     critic = critic_name
     if args.tiny:
         print(TINY_NOTICE, file=sys.stderr, flush=True)
@@ -1129,6 +1118,16 @@ def run_eval(argv: list) -> int:
 # ==================================================================================================
 
 
+def _silence_progress_bars() -> None:
+    """--quiet: no tqdm bars from us, hy3dgen, transformers or huggingface_hub."""
+    os.environ["TQDM_DISABLE"] = "1"  # read by tqdm when it is first imported
+    for module, name in (("transformers.utils.logging", "disable_progress_bar"),
+                         ("huggingface_hub.utils", "disable_progress_bars")):
+        if module.split(".")[0] in sys.modules:
+            with contextlib.suppress(Exception):
+                getattr(__import__(module, fromlist=[name]), name)()
+
+
 def _terminate(signum, frame):  # pragma: no cover - exercised by launchers
     raise SystemExit(128 + signum)
 
@@ -1137,6 +1136,8 @@ def main(argv=None) -> int:
     """The ``vlm3d-guide`` console script. Returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
+    if "--quiet" in argv:
+        _silence_progress_bars()
     command, rest = "run", argv
     if argv and argv[0] in ("batch", "eval"):
         command, rest = argv[0], argv[1:]
