@@ -116,7 +116,8 @@ def test_single_run_with_described_prompt(tmp_path, ref, cli_env):
     assert config["settings"]["steps"] == TINY_STEPS and config["settings"]["compare"] is False
 
 
-def test_compare_then_eval_then_repeat_from_config(tmp_path, ref, cli_env, capsys):
+def test_compare_then_eval_then_repeat_from_config(tmp_path, ref, cli_env, capsys, monkeypatch):
+    monkeypatch.setenv("VLM3D_TINY_CACHE", cli_env["VLM3D_TINY_CACHE"])  # in-process runs below
     out = tmp_path / "cmp"
     res = run_cli(["--tiny", "--image", ref, "--prompt", "a small box", "--compare", "--seed", "3",
                    "--format", "obj", "--lam", "0.5", "-o", out], cli_env)
@@ -155,7 +156,7 @@ def test_compare_then_eval_then_repeat_from_config(tmp_path, ref, cli_env, capsy
     assert {p.name for p in again.iterdir()} == {"mesh.ply", "views.png", "trace.json", "trace.png", "config.json"}
 
 
-def test_batch_folder_records_failure_and_resumes(tmp_path, cli_env):
+def test_batch_folder_records_failure_and_resumes(tmp_path, cli_env, capsys, monkeypatch):
     inputs = tmp_path / "inputs"
     inputs.mkdir()
     _write_ref(inputs / "alpha.png", 1)
@@ -180,14 +181,16 @@ def test_batch_folder_records_failure_and_resumes(tmp_path, cli_env):
     (inputs / "broken.png").unlink()
     _write_ref(inputs / "broken.png", 3)
     stamps = {p: p.stat().st_mtime_ns for p in (out / "alpha").iterdir()}
-    res = run_cli(args, cli_env)
-    assert res.returncode == 0, res.stderr
-    assert "2 already done, 1 to run" in res.stderr
+    monkeypatch.setenv("VLM3D_TINY_CACHE", cli_env["VLM3D_TINY_CACHE"])
+    capsys.readouterr()
+    assert main([str(a) for a in args]) == 0  # in-process: the console script's main()
+    res = capsys.readouterr()
+    assert "2 already done, 1 to run" in res.err
     assert {p: p.stat().st_mtime_ns for p in (out / "alpha").iterdir()} == stamps
     _check_run_folder(out / "broken", steps=4)
     assert not (out / "broken" / "error.txt").exists()
     assert json.loads((out / "summary.json").read_text())["counts"] == {"done": 3, "failed": 0, "pending": 0}
-    assert "skipped" in res.stdout
+    assert "skipped" in res.out
 
 
 def test_batch_sharded_over_two_processes(tmp_path, cli_env):
