@@ -105,14 +105,15 @@ def _check_run_folder(out: Path, fmt="glb", compare=False, steps=TINY_STEPS) -> 
 # ------------------------------------------------------------------------------------ runs
 
 
-def test_single_run_with_described_prompt(tmp_path, ref, cli_env):
+def test_single_run_with_described_prompt(tmp_path, cli_env):
+    """The README's first command: --tiny with no image uses a built-in picture."""
     out = tmp_path / "out"
-    res = run_cli(["--tiny", "--image", ref, "-o", out, "--quiet"], cli_env)
+    res = run_cli(["--tiny", "-o", out, "--quiet"], cli_env)
     assert res.returncode == 0, res.stderr
     assert "meaningless" in res.stderr  # --tiny says so plainly
     assert res.stdout == ""  # --quiet
     config = _check_run_folder(out)
-    assert config["prompt_described"] is True
+    assert config["prompt_described"] is True and config["image"] == "builtin:demo"
     assert config["settings"]["steps"] == TINY_STEPS and config["settings"]["compare"] is False
 
 
@@ -244,7 +245,7 @@ MISTAKES = {
     "missing image": (lambda t, r: ["--tiny", "--image", t / "nope.png", "-o", t / "out"], "image not found"),
     "unreadable image": (lambda t, r: ["--tiny", "--image", _broken(t), "-o", t / "out"], "cannot read image"),
     "folder as image": (lambda t, r: ["--tiny", "--image", t, "-o", t / "out"], "not a file"),
-    "no image": (lambda t, r: ["--tiny", "-o", t / "out"], "--image is required"),
+    "no image": (lambda t, r: ["-o", t / "out"], "--image is required"),
     "no output": (lambda t, r: ["--tiny", "--image", r], "-o OUT is required"),
     "empty prompt": (lambda t, r: ["--tiny", "--image", r, "--prompt", " ", "-o", t / "out"], "--prompt is empty"),
     "negative lambda": (lambda t, r: ["--tiny", "--image", r, "--lam", "-1", "-o", t / "out"], "--lam"),

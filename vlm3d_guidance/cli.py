@@ -103,6 +103,20 @@ DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16"
           "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
 
 
+DEMO_IMAGE = "builtin:demo"
+
+
+def demo_image():
+    """The picture ``--tiny`` uses when no ``--image`` is given: a block on a transparent background."""
+    import numpy as np
+    from PIL import Image
+
+    rgba = np.zeros((256, 256, 4), np.uint8)
+    rgba[48:208, 72:184, :3] = (176, 112, 56)
+    rgba[48:208, 72:184, 3] = 255
+    return Image.fromarray(rgba)
+
+
 class UsageError(Exception):
     """A user mistake: reported as one line ``vlm3d-guide: error: <problem>; <fix>``, exit code 2."""
 
@@ -225,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     g = parser.add_argument_group("input")
     g.add_argument("--image", metavar="IMAGE", help="reference image of one object (PNG with transparent "
-                   "background is best; an RGB image is treated as all object)")
+                   "background is best; an RGB image is treated as all object); with --tiny it may be left out "
+                   "(a built-in picture)")
     g.add_argument("--prompt", metavar="TEXT", help="what the object is, for the critic (default: the critic "
                    "describes the image)")
     g.add_argument("-o", "--output", metavar="OUT", help="output folder (created if missing)")
@@ -665,6 +680,7 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
 
     started = time.perf_counter()
     cfg = pipe.config
+    picture = demo_image() if str(image) == DEMO_IMAGE else str(image)
     call = dict(num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
                 octree_resolution=s["octree_resolution"], mc_level=s["mc_level"], num_chunks=s["num_chunks"],
                 enable_pbar=not quiet, return_dict=True)
@@ -672,7 +688,7 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         t = time.perf_counter()
-        guided = pipe(image=str(image), prompt=prompt, generator=torch.Generator().manual_seed(seed), **call)
+        guided = pipe(image=picture, prompt=prompt, generator=torch.Generator().manual_seed(seed), **call)
         seconds["guided"] = time.perf_counter() - t
         used_prompt = guided.prompts[0]
         if guided.described[0] and not quiet:
@@ -680,7 +696,7 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
         baseline = None
         if s["compare"]:
             t = time.perf_counter()
-            baseline = pipe(image=str(image), prompt=used_prompt, generator=torch.Generator().manual_seed(seed),
+            baseline = pipe(image=picture, prompt=used_prompt, generator=torch.Generator().manual_seed(seed),
                             config=cfg.replace(lam=0.0), **call)
             seconds["baseline"] = time.perf_counter() - t
         t = time.perf_counter()
@@ -774,7 +790,10 @@ def run_single(argv: list) -> int:
     check_prompt(args.prompt)
     s = resolve_settings(args, file_cfg["settings"] if file_cfg else None)
     check_settings(s)
-    image_path = check_image(image)
+    if s["tiny"] and image in (None, DEMO_IMAGE):
+        image_path = DEMO_IMAGE  # --tiny without --image: a built-in picture, so a fresh clone runs as is
+    else:
+        image_path = check_image(image)
     out = check_output(args.output, args.overwrite)
     devices = resolve_devices(s)
     check_backend(s, devices)
