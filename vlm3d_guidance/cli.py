@@ -257,7 +257,7 @@ def build_batch_parser() -> argparse.ArgumentParser:
                      "(prompt, seed and name optional; image paths relative to the manifest). Each job "
                      "writes OUT/<name>/. Resumable: jobs whose folder has config.json are skipped. A "
                      "failed job is recorded (OUT/<name>/error.txt) and the rest carry on. Under torchrun "
-                     "or accelerate launch each process takes jobs i with i %% WORLD_SIZE == RANK."),
+                     "or accelerate launch each process takes jobs i with i % WORLD_SIZE == RANK."),
         epilog="summary: printed at the end and written to OUT/summary.json and OUT/summary.md.",
     )
     parser.add_argument("inputs", metavar="INPUTS", help="folder of images, or a .jsonl manifest")
