@@ -207,7 +207,6 @@ def test_full_gradient_matches_finite_differences(hunyuan_root, tmp_path):
     #     (the DiT's and the critic's norms) stack here, so the best step agrees within 10 %.
     _directional_check(f, z, grad_z, steps=(1e-3, 3e-4, 1e-4), tol=0.10, verbose=True)
     # The pipeline's "full" mode computes the same gradient as this composition.
-    record = type("R", (), {})()
     from vlm3d_guidance.guidance import StepRecord
 
     record = StepRecord(step=0, sigma=sigma, lam=1.0)
