@@ -36,64 +36,82 @@ def _as_batched(pos: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def visibility(pos: torch.Tensor, tri: torch.Tensor, resolution) -> torch.Tensor:
-    """Z-buffer: ``[B, H, W]`` long triangle id + 1 of the nearest fragment (0 = background)."""
+    """Z-buffer: ``[B, H, W]`` long triangle id + 1 of the nearest fragment (0 = background).
+
+    Each triangle's three edge functions are set up once (per triangle, not per fragment) in a
+    canonical form: every undirected edge is evaluated from its lower vertex index, so the two
+    triangles sharing an edge compute bit-identical values at a pixel centre and a closed mesh has
+    no pinholes. Fragments (pixel centres inside a triangle's bounding box) then gather one row of
+    that setup each.
+    """
     pos = _as_batched(pos).detach()
     H, W = int(resolution[0]), int(resolution[1])
     B, F = pos.shape[0], tri.shape[0]
     dev = pos.device
-    out = torch.full((B * H * W,), _INT64_MAX, dtype=torch.int64, device=dev)
     if F == 0:
         return torch.zeros(B, H, W, dtype=torch.long, device=dev)
     tri = tri.long()
     w = pos[..., 3]
     wsafe = torch.where(w.abs() > 1e-12, w, torch.ones_like(w))
-    sx = (pos[..., 0] / wsafe + 1.0) * (0.5 * W)  # pixel units, centre of col c at c + 0.5
-    sy = (pos[..., 1] / wsafe + 1.0) * (0.5 * H)
-    sz = pos[..., 2] / wsafe
-    # canonical edge functions: each undirected edge evaluated from its lower vertex index
-    tx, ty = sx[:, tri], sy[:, tri]  # [B, F, 3]
-    ok = (w[:, tri] > 1e-12).all(-1)
-    x0, x1 = tx.amin(-1), tx.amax(-1)
-    y0, y1 = ty.amin(-1), ty.amax(-1)
-    cx0 = torch.ceil(x0 - 0.5).clamp_min(0).long()
-    cx1 = torch.floor(x1 - 0.5).clamp_max(W - 1).long()
-    cy0 = torch.ceil(y0 - 0.5).clamp_min(0).long()
-    cy1 = torch.floor(y1 - 0.5).clamp_max(H - 1).long()
+    screen = torch.stack([(pos[..., 0] / wsafe + 1.0) * (0.5 * W),  # pixel units, centre of col c at c + 0.5
+                          (pos[..., 1] / wsafe + 1.0) * (0.5 * H),
+                          pos[..., 2] / wsafe, w], dim=-1).reshape(B * pos.shape[1], 4)
+    corner = (torch.arange(B, device=dev)[:, None, None] * pos.shape[1] + tri[None]).reshape(-1)
+    sv = screen.index_select(0, corner).reshape(B * F, 3, 4)  # [B*F, corner, (x, y, z/w, w)]
+    tx, ty = sv[..., 0], sv[..., 1]
+    ok = (sv[..., 3] > 1e-12).all(-1)
+    cx0 = torch.ceil(tx.amin(-1) - 0.5).clamp_min(0).long()
+    cx1 = torch.floor(tx.amax(-1) - 0.5).clamp_max(W - 1).long()
+    cy0 = torch.ceil(ty.amin(-1) - 0.5).clamp_min(0).long()
+    cy1 = torch.floor(ty.amax(-1) - 0.5).clamp_max(H - 1).long()
     bw = (cx1 - cx0 + 1).clamp_min(0)
-    bh = (cy1 - cy0 + 1).clamp_min(0)
-    cnt = torch.where(ok, bw * bh, torch.zeros_like(bw)).reshape(-1)
-    sel = torch.nonzero(cnt > 0).squeeze(1)
+    cnt = torch.where(ok, bw * (cy1 - cy0 + 1).clamp_min(0), torch.zeros_like(bw))
+    sel = torch.nonzero(cnt > 0).squeeze(1)  # (b * F + f) of triangles that reach a pixel centre
     if sel.numel() == 0:
         return torch.zeros(B, H, W, dtype=torch.long, device=dev)
-    cnt = cnt[sel]
+    # --- per-triangle setup: edge k = (v_k, v_k+1) as (x_lo, y_lo, x_hi - x_lo, y_hi - y_lo, sign)
+    sv = sv.index_select(0, sel)
+    tx, ty, tz = sv[..., 0], sv[..., 1], sv[..., 2]
+    vi = tri.index_select(0, sel % F)
+
+    def nxt(t):  # t[:, (1, 2, 0)]
+        return torch.cat([t[:, 1:], t[:, :1]], dim=1)
+
+    ascending = vi < nxt(vi)  # [S, 3]: edge k is stored from its lower vertex index
+    tx1, ty1 = nxt(tx), nxt(ty)
+    xa = torch.where(ascending, tx, tx1)
+    ya = torch.where(ascending, ty, ty1)
+    ex = torch.where(ascending, tx1, tx) - xa
+    ey = torch.where(ascending, ty1, ty) - ya
+    sign = ascending.to(tx.dtype) * 2.0 - 1.0
+    setup = torch.cat([xa, ya, ex, ey, sign, tz], dim=1)  # [S, 18]
+    cnt = cnt.index_select(0, sel)
+    box = torch.stack([cx0.index_select(0, sel), cy0.index_select(0, sel), bw.index_select(0, sel)], dim=0)
+    # --- fragments: one gather of the setup each
     total = int(cnt.sum())
-    owner = torch.repeat_interleave(torch.arange(sel.numel(), device=dev), cnt)
+    owner = torch.repeat_interleave(torch.arange(sel.numel(), device=dev), cnt, output_size=total)
     start = torch.cumsum(cnt, 0) - cnt
-    local = torch.arange(total, device=dev) - start[owner]
-    g = sel[owner]  # global (b * F + f)
-    b, f = g // F, g % F
-    bwg = bw.reshape(-1)[g]
-    px = (cx0.reshape(-1)[g] + local % bwg)
-    py = (cy0.reshape(-1)[g] + local // bwg)
-    fx, fy = px.to(sx.dtype) + 0.5, py.to(sy.dtype) + 0.5
-    vi = tri[f]  # [T, 3]
-    e_sum = []
-    for k in range(3):
-        i, j = vi[:, k], vi[:, (k + 1) % 3]
-        lo, hi = torch.minimum(i, j), torch.maximum(i, j)
-        xa, ya, xb, yb = sx[b, lo], sy[b, lo], sx[b, hi], sy[b, hi]
-        e = (xb - xa) * (fy - ya) - (yb - ya) * (fx - xa)
-        e_sum.append(torch.where(i < j, e, -e))
-    e0, e1, e2 = e_sum  # e_k: edge (v_k, v_k+1); opposite vertex v_k+2
+    local = torch.arange(total, device=dev) - start.index_select(0, owner)
+    bx = box.index_select(1, owner)
+    px = bx[0] + local % bx[2]
+    py = bx[1] + local // bx[2]
+    fx = (px.to(tx.dtype) + 0.5)[:, None]
+    fy = (py.to(tx.dtype) + 0.5)[:, None]
+    xa, ya, ex, ey, sign, tz = setup.index_select(0, owner).split(3, dim=1)  # each [T, 3]
+    e = (ex * (fy - ya) - ey * (fx - xa)) * sign  # [T, 3]; e_k: edge (v_k, v_k+1), opposite v_k+2
+    e0, e1, e2 = e.unbind(1)
     area = e0 + e1 + e2  # = 2 * signed area, evaluated at the pixel (constant up to rounding)
-    inside = (((e0 >= 0) & (e1 >= 0) & (e2 >= 0)) | ((e0 <= 0) & (e1 <= 0) & (e2 <= 0))) & (area != 0)
+    inside = ((e >= 0).all(1) | (e <= 0).all(1)) & (area != 0)
     # screen-space barycentric of v_k is e_{k+1} / area; z/w is affine in screen space
-    zb = (e1 * sz[b, vi[:, 0]] + e2 * sz[b, vi[:, 1]] + e0 * sz[b, vi[:, 2]]) / torch.where(area != 0, area, torch.ones_like(area))
+    zb = (e1 * tz[:, 0] + e2 * tz[:, 1] + e0 * tz[:, 2]) / torch.where(area != 0, area, torch.ones_like(area))
     inside &= (zb >= -1.0) & (zb <= 1.0)
-    d01 = ((zb.float() + 1.0) * 0.5).clamp(0.0, 1.0)[inside]
-    key = (d01.view(torch.int32).long() << 32) | f[inside]
-    pix = (b * H + py) * W + px
-    out.scatter_reduce_(0, pix[inside], key, reduce="amin", include_self=True)
+    keep = torch.nonzero(inside).squeeze(1)
+    g = sel.index_select(0, owner.index_select(0, keep))
+    d01 = ((zb.index_select(0, keep).float() + 1.0) * 0.5).clamp(0.0, 1.0)
+    key = (d01.view(torch.int32).long() << 32) | (g % F)
+    pix = ((g // F) * H + py.index_select(0, keep)) * W + px.index_select(0, keep)
+    out = torch.full((B * H * W,), _INT64_MAX, dtype=torch.int64, device=dev)
+    out.scatter_reduce_(0, pix, key, reduce="amin", include_self=True)
     hit = out != _INT64_MAX
     ids = torch.where(hit, (out & 0xFFFFFFFF) + 1, torch.zeros_like(out))
     return ids.reshape(B, H, W)

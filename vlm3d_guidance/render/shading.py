@@ -1,7 +1,10 @@
-"""Shading of rasterized views. All functions work on ``[B, H, W, C]`` maps (row 0 at the bottom).
+"""Shading of rasterized views. The per-pixel functions work on any ``[..., 3]`` layout: image maps
+``[B, H, W, 3]`` (row 0 at the bottom) or the packed covered pixels ``[P, 3]`` that
+:func:`~vlm3d_guidance.render.views.render_views` shades.
 
-- normals: area-weighted vertex normals, interpolated and renormalised, expressed in CAMERA space
-  (x right, y up, z towards the viewer) and turned to face the camera (two-sided).
+- normals: area-weighted vertex normals, rotated to CAMERA space per view (x right, y up, z towards
+  the viewer), interpolated, renormalised and turned to face the camera (two-sided). Rotating the
+  vertex normals before interpolating equals rotating the interpolated normals (both are linear).
 - "clay": ``albedo * (ambient + diffuse * max(0, n . l))`` with a light fixed in camera space
   (upper left, in front), light grey, on the background colour.
 - "normals": ``(n_cam + 1) / 2``.
@@ -29,17 +32,21 @@ def vertex_normals(verts: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(n, dim=-1, eps=1e-12)
 
 
-def camera_normals(n_world: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
-    """Unit world normals ``[B, H, W, 3]`` -> camera space with ``rotations [B, 3, 3]``, facing the
-    camera (``z >= 0``)."""
-    n = torch.einsum("bij,bhwj->bhwi", rotations.to(n_world.dtype), n_world)
-    n = torch.nn.functional.normalize(n, dim=-1, eps=1e-12)
+def vertex_normals_camera(n_world: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
+    """Vertex normals ``[V, 3]`` (world) -> ``[B, V, 3]`` in each camera's frame (``rotations [B, 3, 3]``)."""
+    return torch.einsum("bij,vj->bvi", rotations.to(n_world.dtype), n_world)
+
+
+def facing_camera(n_cam: torch.Tensor) -> torch.Tensor:
+    """Interpolated camera-space normals ``[..., 3]`` -> unit normals turned towards the camera
+    (``z >= 0``, two-sided shading)."""
+    n = torch.nn.functional.normalize(n_cam, dim=-1, eps=1e-12)
     flip = torch.where(n[..., 2:3] < 0, -1.0, 1.0).to(n.dtype)
     return n * flip
 
 
 def clay(n_cam: torch.Tensor) -> torch.Tensor:
-    """Lambert + ambient grey ``[B, H, W, 3]`` from camera-space unit normals."""
+    """Lambert + ambient grey ``[..., 3]`` from camera-space unit normals ``[..., 3]``."""
     light = torch.nn.functional.normalize(torch.tensor(LIGHT_DIR_CAM, dtype=n_cam.dtype, device=n_cam.device), dim=0)
     lam = (n_cam * light).sum(-1, keepdim=True).clamp_min(0.0)
     return (CLAY_ALBEDO * (CLAY_AMBIENT + CLAY_DIFFUSE * lam)).expand(*n_cam.shape[:-1], 3)
