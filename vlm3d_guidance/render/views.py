@@ -15,7 +15,7 @@ from . import raster_nvdiffrast, raster_torch
 from .antialias import antialias as edge_antialias
 from .antialias import edge_topology
 from .cameras import Cameras
-from .shading import camera_normals, clay, normal_colors, vertex_normals
+from .shading import clay, facing_camera, normal_colors, vertex_normals, vertex_normals_camera
 
 SHADINGS = ("clay", "normals", "silhouette")
 BACKENDS = ("auto", "torch", "nvdiffrast")
@@ -41,6 +41,29 @@ def get_backend(name: str = "auto", device=None):
     else:
         mod = raster_torch
     return SimpleNamespace(name=name, rasterize=mod.rasterize, interpolate=mod.interpolate, antialias=edge_antialias)
+
+
+def interpolate_covered(attr: torch.Tensor, rast_flat: torch.Tensor, covered: torch.Tensor,
+                        tri: torch.Tensor, pixels_per_image: int) -> torch.Tensor:
+    """Per-view vertex attributes ``attr [B, V, C]`` interpolated at the covered pixels only.
+
+    Args:
+        rast_flat: ``rast.reshape(-1, 4)`` in the shared convention ``(u, v, z/w, triangle_id + 1)``.
+        covered: ``[P]`` flat indices (``(b * H + row) * W + col``) of pixels with ``triangle_id + 1 > 0``.
+        pixels_per_image: ``H * W``.
+
+    Returns:
+        ``[P, C]``: ``u * a[t0] + v * a[t1] + (1 - u - v) * a[t2]``, differentiable w.r.t. ``attr``
+        and ``(u, v)`` (the same values :func:`interpolate` gives at those pixels).
+    """
+    B, V, C = attr.shape
+    rows = rast_flat.index_select(0, covered)  # [P, 4]
+    f = rows[:, 3].detach().round().long() - 1
+    b = covered // pixels_per_image
+    corner = (b[:, None] * V + tri.long().index_select(0, f)).reshape(-1)
+    a = attr.reshape(B * V, C).index_select(0, corner).reshape(-1, 3, C)
+    u, v = rows[:, 0:1].to(attr.dtype), rows[:, 1:2].to(attr.dtype)
+    return u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
 
 
 def render_views(verts: torch.Tensor, faces: torch.Tensor, cams: Cameras, size: int = 448,
@@ -74,15 +97,17 @@ def render_views(verts: torch.Tensor, faces: torch.Tensor, cams: Cameras, size: 
     faces = faces.long().to(verts.device)
     pos = cams.to(verts.device, dtype).to_clip(verts.to(dtype))  # [N, V, 4]
     rast = be.rasterize(pos, faces, (size, size))
-    mask = rast[..., 3:4] > 0
     if shading == "silhouette":
-        color = mask.to(dtype)
+        color = (rast[..., 3:4] > 0).to(dtype)
     else:
-        vn = vertex_normals(verts.to(dtype), faces)
-        nw = be.interpolate(vn, rast, faces).to(dtype)
-        nc = camera_normals(nw, cams.rotations().to(verts.device))
-        color = clay(nc) if shading == "clay" else normal_colors(nc)
-        color = torch.where(mask, color, torch.full_like(color, bg))
+        # shade only the covered pixels (packed [P, 3]), then place them on the background
+        flat = rast.reshape(-1, 4)
+        covered = torch.nonzero(flat[:, 3].detach() > 0).squeeze(1)
+        vn = vertex_normals_camera(vertex_normals(verts.to(dtype), faces), cams.rotations().to(verts.device))
+        normals = facing_camera(interpolate_covered(vn, flat, covered, faces, size * size))  # [P, 3]
+        shaded = clay(normals) if shading == "clay" else normal_colors(normals)
+        color = torch.full((flat.shape[0], 3), bg, dtype=dtype, device=verts.device)
+        color = color.index_put((covered,), shaded.to(dtype)).reshape(n, size, size, 3)
     if antialias:
         color = be.antialias(color, rast, pos, faces, edge_topology(faces))
     color = color.flip(1)  # rows: bottom-up (rasterizer) -> top-down (images)
