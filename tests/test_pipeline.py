@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlm3d_guidance import GuidanceConfig, GuidedHunyuanPipeline, GuidedOutput
 from vlm3d_guidance.critic import VLMCritic
-from vlm3d_guidance.guidance import reward_and_gradient
+from vlm3d_guidance.guidance import normalized_update, reward_and_gradient
 from vlm3d_guidance.render import orbit_cameras
 from vlm3d_guidance.tiny import build_tiny_qwen, load_tiny_hunyuan_pipeline
 
@@ -69,18 +69,42 @@ def test_lam_zero_is_bit_identical_to_stock_call(flavour, batch, hunyuan_root, c
     _assert_same_meshes(want_mesh, got_mesh)
 
 
-def test_every_stock_keyword_is_accepted_with_stock_defaults():
+def test_signature_matches_the_installed_hy3dgen_call():
+    """Every parameter of the installed hy3dgen ``__call__``, in its order, with its kind and default;
+    ours (prompt, return_dict, config) only keyword-only after them. Read from the installed source,
+    so an hy3dgen upgrade that adds or changes a parameter fails here."""
     import inspect
 
     from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
 
-    stock = inspect.signature(Hunyuan3DDiTFlowMatchingPipeline.__call__).parameters
-    ours = inspect.signature(GuidedHunyuanPipeline.__call__).parameters
-    for name, param in stock.items():
-        if param.kind in (param.VAR_KEYWORD, param.VAR_POSITIONAL) or name == "self":
-            continue
-        assert name in ours, name
-        assert ours[name].default == param.default, name
+    from vlm3d_guidance.pipeline import _STOCK_DEFAULTS
+
+    stock = list(inspect.signature(Hunyuan3DDiTFlowMatchingPipeline.__call__).parameters.values())
+    ours = list(inspect.signature(GuidedHunyuanPipeline.__call__).parameters.values())
+    named = [p for p in stock if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+    assert len(named) == 15  # self, image, ..., enable_pbar in hy3dgen 2.0.2
+    assert [(p.name, p.kind, p.default) for p in ours[:len(named)]] == [(p.name, p.kind, p.default) for p in named]
+    extra = ours[len(named):]
+    kw_only = inspect.Parameter.KEYWORD_ONLY
+    assert [(p.name, p.kind, p.default) for p in extra[:-1]] == [
+        ("prompt", kw_only, None), ("return_dict", kw_only, False), ("config", kw_only, None)]
+    assert extra[-1].kind == inspect.Parameter.VAR_KEYWORD  # callback, callback_steps, guidance options
+    assert any(p.kind == p.VAR_KEYWORD for p in stock)
+    # the module's table of stock defaults (named in error messages) agrees too
+    assert _STOCK_DEFAULTS == {p.name: p.default for p in named if p.name not in ("self", "image")}
+
+
+def test_positional_stock_call_means_the_same(hunyuan_root, critic):
+    """``pipe(image, steps, timesteps, sigmas, eta, guidance_scale, generator, ...)`` as with hy3dgen."""
+    stock, guided = _pipes("standard", hunyuan_root, critic, lam=0.0)
+    args = (_image(0), 3, None, None, 0.0, 4.0, None, 1.01, 24, 0.0, None, 8000, "latent", False)
+    torch.manual_seed(5)
+    want = stock(*args)
+    torch.manual_seed(5)
+    got = guided(*args, prompt="a thing")
+    assert torch.equal(want, got)
+    with pytest.raises(ValueError, match="num_inference_steps must be a positive integer"):
+        guided(_image(0), "a thing")  # a prompt where hy3dgen has num_inference_steps
 
 
 def test_guidance_changes_latents_and_records_trace(hunyuan_root, critic):
@@ -248,39 +272,240 @@ def test_prompt_none_uses_the_critics_description(hunyuan_root, critic):
                  output_type="latent", **{**CALL, "num_inference_steps": 2})
     assert out.described == [True]
     assert isinstance(out.prompts[0], str) and out.prompts[0].strip()
+    assert out.prompts[0] == critic.describe(_image(0).convert("RGB"))  # the critic's own (greedy) description
+    assert out.trace[0].guided and math.isfinite(out.trace[0].reward[0])  # and guidance ran with it
 
 
 @pytest.mark.parametrize("bad,match", [
     (dict(lam=-1.0), "lam must be >= 0"),
-    (dict(gradient="sideways"), "gradient must be one of"),
-    (dict(schedule="zigzag"), "schedule must be one of"),
+    (dict(lam=float("nan")), "lam must be a finite number"),
+    (dict(lam="0.1"), "lam must be a finite number"),
+    (dict(gradient="sideways"), "gradient must be one of 'x0', 'full'"),
+    (dict(schedule="zigzag"), "schedule must be one of 'constant', 'linear', 'cosine'"),
+    (dict(normalize="l2"), "normalize must be one of 'none', 'rms'"),
+    (dict(clip=0.0), "clip must be > 0"),
     (dict(start=0.8, end=0.2), "start < end"),
     (dict(every=0), "every must be an integer"),
-    (dict(wobble=1), "unknown guidance option"),
+    (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
+    (dict(callback=lambda *a: None, callback_steps=0), "callback_steps must be a positive integer"),
+    (dict(callback="print"), "callback must be callable"),
+    (dict(image=None), "image is required"),
+    (dict(prompt=["a", "b"]), "2 prompts for 1 images"),
+    (dict(prompt="  "), "prompt must be a non-empty string or None"),
+    (dict(wobble=1), r"unknown keyword argument\(s\) \['wobble'\].*'num_inference_steps'.*'lam'"),
 ])
-def test_bad_guidance_options_fail_before_any_work(hunyuan_root, critic, bad, match):
+def test_bad_arguments_fail_before_any_model_runs(hunyuan_root, critic, bad, match):
     _, guided = _pipes("standard", hunyuan_root, critic)
-    with pytest.raises(ValueError, match=match):
-        guided(image=_image(0), prompt="x", **CALL, **bad)
-
-
-def test_prompt_count_mismatch_is_a_clear_error(hunyuan_root, critic):
-    _, guided = _pipes("standard", hunyuan_root, critic)
-    with pytest.raises(ValueError, match="2 prompts for 1 images"):
-        guided(image=_image(0), prompt=["a", "b"], **CALL)
+    calls = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: calls.append(type(mod).__name__))
+             for m in (guided.pipeline.conditioner, guided.pipeline.model, guided.pipeline.vae, critic.model)]
+    try:
+        with pytest.raises(ValueError, match=match):
+            guided(**{"image": _image(0), "prompt": "x", **CALL, **bad})
+    finally:
+        for h in hooks:
+            h.remove()
+    assert calls == []  # rejected before the image encoder, the DiT, the VAE or the critic ran
 
 
 def test_lambda_schedules_and_window():
-    n = 11
+    n = 11  # progress i / 10
     const = GuidanceConfig(lam=1.0)
     assert [const.lam_at(i, n) for i in range(n)] == [1.0] * n
     lin = GuidanceConfig(lam=1.0, schedule="linear")
-    assert [round(lin.lam_at(i, n), 6) for i in range(n)] == [round(1 - i / 10, 6) for i in range(n)]
-    assert lin.lam_at(10, n) == 0.0 and const.lam_at(10, n) == 1.0
+    assert [lin.lam_at(i, n) for i in range(n)] == pytest.approx([1 - i / 10 for i in range(n)], abs=1e-12)
     cos = GuidanceConfig(lam=2.0, schedule="cosine")
-    assert cos.lam_at(0, n) == 2.0 and abs(cos.lam_at(5, n) - 1.0) < 1e-12
+    assert [cos.lam_at(i, n) for i in range(n)] == pytest.approx(
+        [1.0 + math.cos(math.pi * i / 10) for i in range(n)], abs=1e-12)
+    assert cos.lam_at(5, n) == pytest.approx(1.0, abs=1e-12) and cos.lam_at(10, n) == pytest.approx(0.0, abs=1e-12)
+    # window [0.2, 0.6): steps 2..5; every=2 counts from the window's first step
     win = GuidanceConfig(lam=1.0, start=0.2, end=0.6, every=2)
     assert [i for i in range(n) if win.lam_at(i, n) > 0] == [2, 4]
+    assert [i for i in range(n) if GuidanceConfig(lam=1.0, start=0.2, end=0.6).lam_at(i, n) > 0] == [2, 3, 4, 5]
+    assert [i for i in range(n) if GuidanceConfig(lam=1.0, every=3).lam_at(i, n) > 0] == [0, 3, 6, 9]
+    assert [i for i in range(n) if GuidanceConfig(lam=1.0, start=0.25, every=3).lam_at(i, n) > 0] == [3, 6, 9]
+    # the decays run over the window, not the whole run: linear 1 - (p - start) / (end - start)
+    lw = GuidanceConfig(lam=1.0, schedule="linear", start=0.2, end=0.6)
+    assert [lw.lam_at(i, n) for i in range(n)] == pytest.approx([0, 0, 1.0, 0.75, 0.5, 0.25, 0, 0, 0, 0, 0], abs=1e-12)
+    cw = GuidanceConfig(lam=1.0, schedule="cosine", start=0.5, end=1.0)
+    assert [cw.lam_at(i, n) for i in range(5, n)] == pytest.approx(
+        [0.5 * (1 + math.cos(math.pi * k / 5)) for k in range(6)], abs=1e-12)
+    # lam 0, or a run of a single step, never guides
+    assert GuidanceConfig(lam=0.0).lam_at(0, n) == 0.0 and const.lam_at(0, 1) == 0.0
+
+
+def test_normalized_update_none_rms_and_clip():
+    g = torch.randn(1, 16, 4, generator=torch.Generator().manual_seed(0)) * 3e-4
+
+    def rms(x):
+        return float(x.pow(2).mean().sqrt())
+
+    # "none": the raw gradient times lambda
+    assert torch.equal(normalized_update(g, 0.5, "none", None), 0.5 * g)
+    # "rms": the update's RMS is lambda, its direction the gradient's
+    u = normalized_update(g, 0.02, "rms", None)
+    assert rms(u) == pytest.approx(0.02, rel=1e-6)
+    assert torch.allclose(u, g * (0.02 / rms(g)), rtol=1e-5, atol=0)
+    # clip caps the RMS of the update (not of the gradient) and leaves smaller updates alone
+    assert rms(normalized_update(g, 0.02, "rms", 0.005)) == pytest.approx(0.005, rel=1e-6)
+    assert torch.equal(normalized_update(g, 0.02, "rms", 0.05), u)
+    clipped = normalized_update(g, 100.0, "none", 1e-3)
+    assert rms(clipped) == pytest.approx(1e-3, rel=1e-6)
+    assert torch.allclose(clipped / rms(clipped), g / rms(g), rtol=1e-5, atol=0)
+    # a zero gradient stays zero (no division by zero)
+    assert torch.equal(normalized_update(torch.zeros(1, 4, 2), 0.02, "rms", None), torch.zeros(1, 4, 2))
+
+
+@pytest.mark.parametrize("options,check", [
+    (dict(lam=0.05), "rms"),
+    (dict(lam=0.05, clip=0.01), "clip"),
+    (dict(lam=10.0, normalize="none"), "none"),
+    (dict(lam=0.05, gradient="full"), "rms"),
+])
+def test_one_guided_step_moves_the_latent_by_the_normalised_update(hunyuan_root, critic, options, check):
+    """Two steps: sigma 0 -> 1 (guided) then 1 -> 1 (never guided, does not move z). The final
+    latent minus the unguided one is therefore exactly the first step's update."""
+    _, guided = _pipes("standard", hunyuan_root, critic)
+    kw = dict(image=_image(0), prompt="a red box", output_type="latent", **{**CALL, "num_inference_steps": 2})
+    base = guided(generator=torch.manual_seed(0), lam=0.0, **kw)
+    out = guided(generator=torch.manual_seed(0), return_dict=True, **kw, **options)
+    first, last = out.trace
+    assert (first.sigma, last.sigma) == (0.0, 1.0)
+    assert (first.lam, last.lam) == (options["lam"], 0.0)
+    assert (first.guided, first.skipped, last.guided, last.skipped) == (True, [None], False, ["not scheduled"])
+    assert math.isfinite(first.reward[0]) and first.grad_norm[0] > 0 and last.reward == []
+    diff = (out.latents - base).double()
+    rms = float(diff.pow(2).mean().sqrt())
+    if check == "rms":
+        assert rms == pytest.approx(options["lam"], rel=1e-4)
+    elif check == "clip":
+        assert rms == pytest.approx(options["clip"], rel=1e-4)
+    else:
+        assert float(diff.norm()) == pytest.approx(options["lam"] * first.grad_norm[0], rel=1e-3)
+    stages = {"dit", "decode", "render", "critic_forward", "critic_backward", "render_backward",
+              "decode_backward", "step"} | ({"dit_backward"} if options.get("gradient") == "full" else set())
+    assert set(first.seconds) == stages and all(v > 0 for v in first.seconds.values())
+
+
+def test_callback_sees_every_kth_step_and_the_guided_latent(hunyuan_root, critic):
+    _, guided = _pipes("standard", hunyuan_root, critic, lam=0.05)
+    kw = dict(image=_image(0), prompt="a red box", output_type="latent", **{**CALL, "num_inference_steps": 4})
+    seen = []
+    out = guided(generator=torch.manual_seed(0), return_dict=True,
+                 callback=lambda i, t, o: seen.append((i, o.prev_sample.clone())), **kw)
+    assert [i for i, _ in seen] == [0, 1, 2, 3]  # no callback_steps: every step
+    assert torch.equal(seen[-1][1], out.latents)  # the guided latent the loop went on with
+    unguided = []
+    guided(generator=torch.manual_seed(0), lam=0.0, callback=lambda i, t, o: unguided.append(o.prev_sample.clone()),
+           **kw)
+    # after step 0 the two runs differ by exactly the first update (RMS lam = 0.05)
+    assert float((seen[0][1] - unguided[0]).double().pow(2).mean().sqrt()) == pytest.approx(0.05, rel=1e-4)
+    seen.clear()
+    guided(generator=torch.manual_seed(0), callback=lambda i, t, o: seen.append((i, None)), callback_steps=2, **kw)
+    assert [i for i, _ in seen] == [0, 2]
+
+
+def _module_modes(model):
+    return [m.training for m in model.modules()]
+
+
+def test_full_mode_runs_the_dit_in_train_mode_and_restores_each_module(hunyuan_root, critic):
+    _, guided = _pipes("standard", hunyuan_root, critic, lam=0.05, gradient="full")
+    dit = guided.pipeline.model
+    seen = []
+    hook = dit.register_forward_pre_hook(lambda mod, args: seen.append((mod.training, torch.is_grad_enabled())))
+    kw = dict(image=_image(0), prompt="a red box", output_type="latent", **{**CALL, "num_inference_steps": 3})
+    try:
+        dit.eval()
+        next(iter(dit.children())).train()  # a mixed state must come back as it was
+        before = _module_modes(dit)
+        from_eval = guided(generator=torch.manual_seed(0), **kw)
+        # two guided steps through the DiT in train mode with a graph, then the unguided last step as stock
+        assert seen == [(True, True), (True, True), (False, False)]
+        assert _module_modes(dit) == before
+        dit.train()
+        seen.clear()
+        from_train = guided(generator=torch.manual_seed(0), **kw)
+        assert seen == [(True, True), (True, True), (True, False)]
+        assert all(_module_modes(dit))
+        # hy3dgen 2.0's DiT has no mode-dependent layer: the starting mode changes nothing
+        assert torch.equal(from_eval, from_train)
+        # recomputing the blocks in backward (inside the train-mode window) gives the same result
+        dit.eval()
+        checkpointed = guided(generator=torch.manual_seed(0), dit_checkpointing=True, **kw)
+        assert torch.allclose(checkpointed, from_eval, rtol=0, atol=1e-6)
+        assert not any(_module_modes(dit))
+        assert all("forward" not in vars(m) for m in dit.modules())  # patched forwards are removed
+        # x0 mode and lam=0 never switch modes
+        seen.clear()
+        guided(generator=torch.manual_seed(0), gradient="x0", **kw)
+        guided(generator=torch.manual_seed(0), lam=0.0, **kw)
+        assert [mode for mode, _ in seen] == [False] * 6
+    finally:
+        hook.remove()
+        dit.train()  # as hy3dgen's loader leaves it
+
+
+class _AuxGradient(torch.autograd.Function):
+    """The load-balancing trick of MoE layers: forward passes ``x`` through; backward also sends a
+    gradient of 1 into the auxiliary loss, so that its gradient joins every backward pass."""
+
+    @staticmethod
+    def forward(ctx, x, aux):
+        ctx.aux_needs_grad = aux.requires_grad
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, (torch.ones((), dtype=grad.dtype) if ctx.aux_needs_grad else None)
+
+
+class MoEGate(torch.nn.Module):
+    """A gate with a load-balancing loss in train mode (named like hy3dshape's)."""
+
+    def forward(self, h):
+        scores = h.softmax(-1)
+        aux = (scores.mean(0) ** 2).sum() if self.training else None
+        return scores.argmax(-1), scores, aux
+
+
+class _ToyMoE(torch.nn.Module):
+    """Eval path without gradient, train path with the aux trick: the structure of a 2.1 MoE block."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = MoEGate()
+
+    def forward(self, h):
+        _, scores, aux = self.gate(h)
+        if not self.training:
+            with torch.no_grad():
+                return h * scores
+        return _AuxGradient.apply(h * scores, aux)
+
+
+def test_full_mode_train_switch_is_exact_for_moe_blocks():
+    """What the switch must do for Hunyuan3D 2.1 (hy3dshape is not installable here), on a toy MoE
+    block of the same structure: eval has no gradient, train alone adds the aux loss's gradient."""
+    from vlm3d_guidance.pipeline import _dit_train_mode
+
+    h = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    hr = h.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(hr * hr.softmax(-1), hr, g)  # d <h * softmax(h), g> / dh
+
+    moe = _ToyMoE().eval()
+    assert not moe(hr).requires_grad  # eval mode: no gradient at all
+    moe.train()
+    (naive,) = torch.autograd.grad(moe(hr), hr, g)  # train mode alone: polluted by the aux loss
+    assert float((naive - expected).abs().max()) > 1e-3
+    moe.eval()
+    with _dit_train_mode(moe, True):
+        assert moe.training and moe.gate.training
+        (exact,) = torch.autograd.grad(moe(hr), hr, g)
+    assert torch.allclose(exact, expected, rtol=1e-12, atol=1e-15)
+    assert not moe.training and not moe.gate.training and "forward" not in vars(moe.gate)
 
 
 def test_critic_in_another_dtype_than_the_generator(hunyuan_root, tmp_path):

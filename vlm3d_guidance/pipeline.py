@@ -18,6 +18,7 @@ Conventions (hy3dgen's): sigma runs from 0 (noise) to 1 (data); the DiT predicts
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -115,17 +116,17 @@ class GuidedHunyuanPipeline:
         return cls(pipeline=pipeline, critic=vlm, config=config)
 
     # ------------------------------------------------------------------ the call
-    def __call__(self, image=None, prompt=None, num_inference_steps: int = 50, timesteps=None,
-                 sigmas=None, eta: float = 0.0, guidance_scale: float = 5.0, generator=None,
-                 box_v: float = 1.01, octree_resolution: int = 384, mc_level: float = 0.0,
-                 mc_algo=None, num_chunks: int = 8000, output_type: str | None = "trimesh",
-                 enable_pbar: bool = True, return_dict: bool = False,
-                 config: GuidanceConfig | None = None, **kwargs):
+    def __call__(self, image=None, num_inference_steps: int = 50, timesteps=None, sigmas=None,
+                 eta: float = 0.0, guidance_scale: float = 5.0, generator=None, box_v=1.01,
+                 octree_resolution=384, mc_level=0.0, mc_algo=None, num_chunks=8000,
+                 output_type: str | None = "trimesh", enable_pbar=True, *, prompt=None,
+                 return_dict: bool = False, config: GuidanceConfig | None = None, **kwargs):
         """Sample shapes for ``image`` with the critic steering every step.
 
-        Every keyword of hy3dgen's ``Hunyuan3DDiTFlowMatchingPipeline.__call__`` keeps its
-        meaning and default (``timesteps`` and ``eta`` are accepted and, as in hy3dgen, unused;
-        ``callback``/``callback_steps`` are honoured). Additionally:
+        Every parameter of hy3dgen's ``Hunyuan3DDiTFlowMatchingPipeline.__call__`` keeps its
+        position, meaning and default (``timesteps`` and ``eta`` are accepted and, as in hy3dgen,
+        unused; ``callback``/``callback_steps`` are honoured). Our own parameters are keyword-only,
+        so a positional stock call means the same here. Additionally:
 
         Args:
             prompt: the description the critic checks the shape against; a string, one string
@@ -133,17 +134,39 @@ class GuidedHunyuanPipeline:
             return_dict: False (default) returns what hy3dgen returns; True a
                 :class:`GuidedOutput` with latents and the per-step trace.
             config: a :class:`GuidanceConfig` for this call (default: the pipeline's).
-            **kwargs: guidance overrides by name (``lam=0.05``, ``gradient="full"``, ...).
+            **kwargs: ``callback(step, t, outputs)`` and ``callback_steps`` as in hy3dgen
+                (``outputs.prev_sample`` is the next latent, guidance included; without
+                ``callback_steps`` the callback runs at every step, where hy3dgen would fail), and
+                guidance overrides by name (``lam=0.05``, ``gradient="full"``, ...). Any other
+                name is a ValueError listing the accepted ones.
 
         Returns:
             list of ``trimesh.Trimesh`` (or None where no surface), or a :class:`GuidedOutput`.
+
+        Bad arguments (guidance options, ``num_inference_steps``, ``callback_steps``, a missing
+        image, prompts that do not match the images) raise ValueError before any model runs.
         """
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", None)
-        cfg = (config or self.config).replace(**kwargs) if kwargs else (config or self.config)
+        base = config or self.config
+        unknown = sorted(set(kwargs) - set(base.to_dict()))
+        if unknown:
+            raise ValueError(
+                f"unknown keyword argument(s) {unknown}. GuidedHunyuanPipeline takes hy3dgen's keywords "
+                f"{['image', *_STOCK_DEFAULTS]} plus callback, callback_steps, prompt, return_dict, config "
+                f"and the guidance options {sorted(base.to_dict())}")
+        cfg = base.replace(**kwargs) if kwargs else base
         cfg.validate()
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        if (not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool)
+                or num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be a positive integer (got {num_inference_steps!r})")
+        num_inference_steps = int(num_inference_steps)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable as callback(step, t, outputs) (got {callback!r})")
+        if callback_steps is not None and (not isinstance(callback_steps, numbers.Integral)
+                                           or isinstance(callback_steps, bool) or callback_steps < 1):
+            raise ValueError(f"callback_steps must be a positive integer or None (got {callback_steps!r})")
+        callback_steps = 1 if callback_steps is None else int(callback_steps)
         pipe = self.pipeline
         if image is None:
             raise ValueError("image is required: a path, a PIL image, a list of them, or a dict of views")
@@ -200,24 +223,27 @@ class GuidedHunyuanPipeline:
             full = lam > 0 and cfg.gradient == "full"
 
             # "full" mode needs the DiT's graph; otherwise the DiT runs exactly as stock, without one.
+            # The train-mode switch spans forward AND backward (checkpointing recomputes in backward).
             z = latents.detach().requires_grad_(True) if full else latents
-            with (torch.enable_grad() if full else torch.inference_mode()), \
-                    timed(record.seconds, "dit", device), _checkpointed(pipe.model, full and cfg.dit_checkpointing):
-                noise_pred = self._velocity(z, t, cond, guidance, guidance_scale, do_cfg)
+            with _dit_train_mode(pipe.model, full):
+                with (torch.enable_grad() if full else torch.inference_mode()), \
+                        timed(record.seconds, "dit", device), _checkpointed(pipe.model, full and cfg.dit_checkpointing):
+                    noise_pred = self._velocity(z, t, cond, guidance, guidance_scale, do_cfg)
 
-            update = None
-            if lam > 0:
-                update = self._guidance_update(z, noise_pred, sigma, lam, prompts, cameras, cfg, record,
-                                               box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                               full=full)
-            else:
-                record.skipped = ["not scheduled"] * batch_size
+                update = None
+                if lam > 0:
+                    update = self._guidance_update(z, noise_pred, sigma, lam, prompts, cameras, cfg, record,
+                                                   box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
+                                                   full=full)
+                else:
+                    record.skipped = ["not scheduled"] * batch_size
 
             with torch.inference_mode():
                 outputs = pipe.scheduler.step(noise_pred.detach(), t, latents)
                 latents = outputs.prev_sample
                 if update is not None:
                     latents = (latents.float() + update.to(latents.device)).to(latents.dtype)
+                    outputs.prev_sample = latents  # the callback sees the latent the loop goes on with
             latents = latents.clone() if latents.is_inference() else latents
 
             for reason in {r for r in record.skipped if r not in (None, "not scheduled")}:
@@ -231,7 +257,7 @@ class GuidedHunyuanPipeline:
             trace.append(record)
             if enable_pbar and record.reward and record.reward[0] is not None:
                 bar.set_postfix(reward=f"{record.reward[0]:+.3f}")
-            if callback is not None and callback_steps and i % callback_steps == 0:
+            if callback is not None and i % callback_steps == 0:
                 callback(i // getattr(pipe.scheduler, "order", 1), t, outputs)
 
         with torch.inference_mode():
@@ -363,13 +389,72 @@ def _clone_tree(tree):
     return tree
 
 
+def _patch_forward(module, wrap) -> None:
+    """Replace ``module.forward`` by ``wrap(module.forward)`` on the instance (undo with :func:`_unpatch_forward`)."""
+    module.__dict__.setdefault("_vlm3d_saved_forward", [])
+    module._vlm3d_saved_forward.append(module.__dict__.get("forward"))
+    module.forward = wrap(module.forward)
+
+
+def _unpatch_forward(module) -> None:
+    saved = module._vlm3d_saved_forward.pop()
+    if saved is None:
+        del module.forward  # back to the class's forward
+    else:
+        module.forward = saved
+    if not module._vlm3d_saved_forward:
+        del module._vlm3d_saved_forward
+
+
+def _detached_aux(forward):
+    """A MoE gate forward whose load-balancing loss (3rd output) carries no gradient."""
+    def gate_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], torch.Tensor):
+            out = (out[0], out[1], out[2].detach())
+        return out
+    return gate_forward
+
+
+@contextlib.contextmanager
+def _dit_train_mode(model, enabled: bool):
+    """Run the DiT in train mode while active (gradient="full"), then restore every module's own mode.
+
+    Hunyuan3D 2.1's (hy3dshape) MoE blocks compute their eval-mode path (``moe_infer``) under
+    ``torch.no_grad``, so with the DiT in ``.eval()`` the gradient through it is wrong. Their
+    train-mode path is differentiable and has no active dropout (dropout 0.0), but it attaches the
+    gate's load-balancing loss with an autograd trick (``AddAuxiliaryLoss``) whose backward adds
+    ``d aux / d input`` to every gradient. So the aux loss of every ``MoEGate`` is detached while
+    active: the gradient is then exactly that of the velocity. hy3dgen 2.0's DiT
+    (``Hunyuan3DDiT``) has no dropout, no ``self.training`` branch and no MoE, so train mode
+    changes nothing there (same values, same gradients).
+
+    The previous mode of EACH submodule is restored (a model may mix modes), also on error.
+    """
+    if not enabled:
+        yield
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    gates = [m for m in model.modules() if type(m).__name__ == "MoEGate"]
+    for gate in gates:
+        _patch_forward(gate, _detached_aux)
+    model.train()
+    try:
+        yield
+    finally:
+        for gate in gates:
+            _unpatch_forward(gate)
+        for module, mode in modes:
+            module.training = mode
+
+
 @contextlib.contextmanager
 def _checkpointed(model, enabled: bool):
     """Recompute the DiT's transformer blocks in backward (activation checkpointing) while active.
 
     hy3dgen's DiT has no checkpointing switch; this wraps each block's forward with
-    ``torch.utils.checkpoint`` for the duration and restores it afterwards. hy3dshape (2.1) DiTs
-    must stay in train mode for exact gradients (their MoE eval path runs under no_grad).
+    ``torch.utils.checkpoint`` for the duration and restores it afterwards. The recomputation
+    happens in backward, so the DiT's train mode (:func:`_dit_train_mode`) must still be on then.
     """
     if not enabled:
         yield
@@ -377,13 +462,10 @@ def _checkpointed(model, enabled: bool):
     from torch.utils.checkpoint import checkpoint
 
     blocks = [m for name in ("double_blocks", "single_blocks", "blocks") for m in getattr(model, name, [])]
-    originals = []
     for block in blocks:
-        original = block.forward
-        originals.append((block, original))
-        block.forward = (lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))(original)
+        _patch_forward(block, lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))
     try:
         yield
     finally:
-        for block, original in originals:
-            block.forward = original
+        for block in blocks:
+            _unpatch_forward(block)

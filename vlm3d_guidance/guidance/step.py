@@ -34,8 +34,11 @@ class StepRecord:
             (None for items where it could not be computed).
         grad_norm: L2 norm of the raw gradient d r / d latent, one per batch item (None if none).
         guided: True when a guidance update was added to the step for at least one item.
-        skipped: why guidance did not run, per batch item (None where it ran), e.g.
-            "outside window", "empty surface", "non-finite reward", "non-finite gradient".
+        skipped: why guidance did not run, per batch item (None where it ran): "not scheduled"
+            (lambda is 0 at this step: outside the window, between ``every`` steps, or the
+            schedule's last step, which does not move the latent; ``reward`` and ``grad_norm``
+            are then empty), "empty surface", "non-finite reward" or "non-finite gradient"
+            (``reward``/``grad_norm`` hold None for that item).
         seconds: wall time per stage (keys from ``STAGES`` plus "step" for the whole step).
     """
 
