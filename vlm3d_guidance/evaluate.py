@@ -434,6 +434,8 @@ def critic_rewards(
 # CLIP text-to-image similarity
 # --------------------------------------------------------------------------------------------------
 
+#: Models loaded by name, per (name, device): ``(model, processor)``; open_clip entries hold
+#: ``(model, (preprocess, tokenizer))`` under ``"open_clip:<spec>"``.
 _CLIP_CACHE: dict[tuple[str, str], tuple[Any, Any]] = {}
 
 
@@ -501,7 +503,11 @@ def clip_similarity(images: Any, text: str, clip_model: Any, device: Any = "cpu"
         return _open_clip_similarity(pil, text, clip_model[len("open_clip:"):], device)
     model, processor = _load_clip(clip_model, device)
     device = _model_device(model)
-    inputs = processor(text=[text], images=pil, return_tensors="pt", padding=True)
+    # CLIP's text tower has a fixed number of positions (77 for the released models): truncate a
+    # long description to it, as open_clip's tokenizer does, instead of failing inside the model.
+    max_length = getattr(getattr(getattr(model, "config", None), "text_config", None), "max_position_embeddings", None)
+    inputs = processor(text=[text], images=pil, return_tensors="pt", padding=True,
+                       truncation=max_length is not None, max_length=max_length)
     inputs = {k: v.to(device) for k, v in inputs.items() if isinstance(v, torch.Tensor)}
     with torch.no_grad():
         out = model(**inputs)
@@ -518,10 +524,12 @@ def _open_clip_similarity(pil: list, text: str, spec: str, device: Any = "cpu") 
         raise ImportError("open_clip is not installed: pip install 'vlm3d-guidance[clip]'") from exc
     import torch
 
-    arch, _, pretrained = spec.partition("/")
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
-    tokenizer = open_clip.get_tokenizer(arch)
-    model = model.to(device).eval()
+    key = ("open_clip:" + spec, str(device))
+    if key not in _CLIP_CACHE:
+        arch, _, pretrained = spec.partition("/")
+        model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=pretrained or None)
+        _CLIP_CACHE[key] = (model.to(device).eval(), (preprocess, open_clip.get_tokenizer(arch)))
+    model, (preprocess, tokenizer) = _CLIP_CACHE[key]
     with torch.no_grad():
         img = model.encode_image(torch.stack([preprocess(p) for p in pil]).to(device))
         txt = model.encode_text(tokenizer([text]).to(device))
