@@ -249,6 +249,29 @@ def test_describe(tiny_root):
         assert critic.describe(pil, max_new_tokens=1, forced_eos_token_id=im_end) == "an object"
 
 
+def test_describe_sees_transparent_images_on_white(tiny_root):
+    """Alpha is the object mask: transparent pixels become white whatever colour they hold, so two
+    RGBA images that differ only under alpha = 0 are described identically (and like the composite)."""
+    from vlm3d_guidance.critic.critic import on_white
+
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    alpha = np.zeros((64, 96), dtype=np.uint8)
+    alpha[16:48, 24:72] = 255
+    alpha[16:48, 20:24] = 128  # a half-transparent rim
+    garbage = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    a = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+    b = Image.fromarray(np.dstack([np.where(alpha[..., None] > 0, rgb, garbage), alpha]), "RGBA")
+    flat = np.asarray(on_white(a))
+    assert (flat[alpha == 0] == 255).all() and (flat[alpha == 255] == rgb[alpha == 255]).all()
+    rim = rgb[16:48, 20:24].astype(float) * 128 / 255 + 255 * (1 - 128 / 255)
+    assert np.abs(flat[16:48, 20:24] - rim).max() <= 1.0
+    assert np.array_equal(np.asarray(on_white(Image.fromarray(rgb))), rgb)  # no alpha: unchanged
+    critic = get_critic(tiny_root)
+    text = critic.describe(a, max_new_tokens=6)
+    assert text == critic.describe(b, max_new_tokens=6) == critic.describe(Image.fromarray(flat), max_new_tokens=6)
+
+
 # ----------------------------------------------------------------------------- bad input
 
 def _no_forward(critic):

@@ -356,7 +356,7 @@ class GuidedHunyuanPipeline:
                 img = img.get("front", next(iter(img.values())))
             if isinstance(img, str):
                 img = Image.open(img)
-            out.append(self.critic.describe(img.convert("RGB")))
+            out.append(self.critic.describe(img))  # transparent parts are seen on white
         return out
 
 

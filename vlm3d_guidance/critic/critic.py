@@ -67,6 +67,17 @@ def _resolve_dtype(dtype, device):
     return dtype
 
 
+def on_white(image):
+    """A PIL image as RGB, its transparent parts composited onto white (alpha is the object mask, as
+    in Hunyuan3D); an image without alpha is only converted."""
+    from PIL import Image
+
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB")
+
+
 class VLMCritic:
     """A frozen Qwen-VL model used as a differentiable Yes/No critic.
 
@@ -315,6 +326,9 @@ class VLMCritic:
 
         Args:
             image: a PIL image, or a ``[3, H, W]`` float tensor in [0, 1] (``[1, 3, H, W]`` also accepted).
+                A transparent image (RGBA, LA, or palette with transparency) is composited onto white
+                first, so the VLM sees the object on a plain background, not whatever colour the
+                transparent pixels happen to hold.
             max_new_tokens: generation budget; ``generate_kwargs`` go to ``model.generate``.
 
         Returns:
@@ -332,7 +346,7 @@ class VLMCritic:
             image = Image.fromarray(arr)
         elif not isinstance(image, Image.Image):
             raise ValueError(f"describe() takes a PIL image or a [3, H, W] tensor, got {type(image).__name__}")
-        image = image.convert("RGB")
+        image = on_white(image)
         messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE_PROMPT}]}]
         text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         inputs = self.processor(text=[text], images=[image], return_tensors="pt").to(self.device)
