@@ -59,7 +59,19 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 def atomic_write_json(path: str | os.PathLike, value: Any) -> Path:
-    return atomic_write_text(path, json.dumps(value, indent=2, default=_json_default) + "\n")
+    """Strict JSON (a NaN or infinity is written as null, which every JSON reader accepts)."""
+    text = json.dumps(_strict(value), indent=2, default=_json_default, allow_nan=False)
+    return atomic_write_text(path, text + "\n")
+
+
+def _strict(value: Any):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
 
 
 def _json_default(value: Any):
@@ -67,15 +79,15 @@ def _json_default(value: Any):
         import numpy as np
 
         if isinstance(value, np.generic):
-            return value.item()
+            return _strict(value.item())
         if isinstance(value, np.ndarray):
-            return value.tolist()
+            return _strict(value.tolist())
     except ImportError:  # pragma: no cover
         pass
     if isinstance(value, Path):
         return str(value)
     if hasattr(value, "to_dict"):
-        return value.to_dict()
+        return _strict(value.to_dict())
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
