@@ -1,8 +1,13 @@
 """vlm3d-guide end to end on the tiny models (as a subprocess), and one test per user mistake."""
 import json
 import os
+import re
+import shlex
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,9 +16,11 @@ import trimesh
 from PIL import Image
 
 from vlm3d_guidance import GuidanceConfig
-from vlm3d_guidance.cli import DEFAULTS, main
+from vlm3d_guidance.cli import DEFAULTS, TINY_NOTICE, main
 
 SCRIPT = Path(sys.executable).with_name("vlm3d-guide")
+REPO = Path(__file__).resolve().parents[1]
+INTERRUPTED = "vlm3d-guide: interrupted; files already written are complete (none is half-written)"
 TINY_STEPS, SHEET, VIEWS = 8, 128, 4  # the --tiny defaults
 
 
@@ -97,6 +104,7 @@ def _check_run_folder(out: Path, fmt="glb", compare=False, steps=TINY_STEPS) -> 
     assert GuidanceConfig(**config["guidance"]).to_dict() == config["guidance"]
     assert config["settings"]["views"] == config["guidance"]["num_views"] == VIEWS
     assert config["tiny"] is True and config["critic_model"] and config["prompt"]
+    assert "meaningless" in config["notice"]  # said in the outputs too, also under --quiet
     assert set(config["outputs"]) == names
     assert trace["prompt"] == config["prompt"]
     return config
@@ -105,28 +113,51 @@ def _check_run_folder(out: Path, fmt="glb", compare=False, steps=TINY_STEPS) -> 
 # ------------------------------------------------------------------------------------ runs
 
 
+def _readme_tiny_command(must_have: str) -> list:
+    """The first ``vlm3d-guide --tiny ...`` command in README.md with ``must_have``, as argv (no comment)."""
+    for line in (REPO / "README.md").read_text().splitlines():
+        if line.startswith("vlm3d-guide --tiny") and must_have in line:
+            return shlex.split(line, comments=True)[1:]
+    raise AssertionError(f"README.md has no 'vlm3d-guide --tiny ... {must_have}' command")
+
+
 def test_single_run_with_described_prompt(tmp_path, cli_env):
     """The README's first command: --tiny with no image uses a built-in picture."""
     out = tmp_path / "out"
+    assert _readme_tiny_command("a built-in picture") == ["--tiny", "-o", "out/"]
     res = run_cli(["--tiny", "-o", out, "--quiet"], cli_env)
     assert res.returncode == 0, res.stderr
-    assert "meaningless" in res.stderr  # --tiny says so plainly
-    assert res.stdout == ""  # --quiet
+    assert res.stdout == "" and res.stderr == ""  # --quiet: nothing but errors
     config = _check_run_folder(out)
     assert config["prompt_described"] is True and config["image"] == "builtin:demo"
     assert config["settings"]["steps"] == TINY_STEPS and config["settings"]["compare"] is False
 
 
-def test_compare_then_eval_then_repeat_from_config(tmp_path, ref, cli_env, capsys, monkeypatch):
+def test_compare_then_eval_then_repeat_from_config(tmp_path, cli_env, capsys, monkeypatch):
+    """The README's main --tiny command (run from a folder holding its examples/ref.png), plus options."""
     monkeypatch.setenv("VLM3D_TINY_CACHE", cli_env["VLM3D_TINY_CACHE"])  # in-process runs below
-    out = tmp_path / "cmp"
-    res = run_cli(["--tiny", "--image", ref, "--prompt", "a small box", "--compare", "--seed", "3",
-                   "--format", "obj", "--lam", "0.5", "-o", out], cli_env)
+    readme = _readme_tiny_command("--compare")
+    (tmp_path / "examples").mkdir()
+    shutil.copy(REPO / "examples" / "ref.png", tmp_path / "examples" / "ref.png")
+    out_arg = readme[readme.index("-o") + 1]
+    prompt = readme[readme.index("--prompt") + 1]
+    out = tmp_path / out_arg
+    env = {k: v for k, v in cli_env.items() if k != "TQDM_DISABLE"}  # the progress bar is checked here
+    res = run_cli([*readme, "--seed", "3", "--format", "obj", "--lam", "0.5"], env, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    assert "wrote" in res.stdout and "final critic reward" in res.stdout
+    assert res.stderr.splitlines()[0] == TINY_NOTICE and "Traceback" not in res.stderr
     config = _check_run_folder(out, fmt="obj", compare=True)
-    assert config["prompt"] == "a small box" and config["seed"] == 3 and config["prompt_described"] is False
+    assert config["prompt"] == prompt and config["seed"] == 3 and config["prompt_described"] is False
     assert set(config["final_reward"]) == {"guided", "baseline"}
+    # the bar over the sampling steps shows the current reward: at its end, the last guided step's
+    records = json.loads((out / "trace.json").read_text())["records"]
+    last = [r["reward"][0] for r in records if r["reward"] and r["reward"][0] is not None][-1]
+    shown = re.findall(r"Guided sampling: 100%.*? 8/8 \[.*?reward=([+-]\d+\.\d{3})\]", res.stderr)
+    assert shown and shown[-1] == f"{last:+.3f}", res.stderr[-2000:]
+    g, b = config["final_reward"]["guided"], config["final_reward"]["baseline"]
+    assert res.stdout.splitlines() == [
+        f"final critic reward: guided {g:+.3f}, baseline {b:+.3f}  (prompt: {prompt!r})",
+        *[f"wrote {Path(out_arg) / name}" for name in config["outputs"]]]
     base = trimesh.load(out / "baseline.obj", force="mesh")
     guided = trimesh.load(out / "mesh.obj", force="mesh")
     assert not (base.vertices.shape == guided.vertices.shape and np.allclose(base.vertices, guided.vertices))
@@ -200,11 +231,12 @@ def test_batch_sharded_over_two_processes(tmp_path, cli_env):
     manifest = tmp_path / "jobs.jsonl"
     manifest.write_text("# image, prompt, seed per line\n" + "\n".join(json.dumps(j) for j in jobs) + "\n")
     out = tmp_path / "out"
-    args = ["batch", manifest, "-o", out, "--tiny", "--steps", "3", "--quiet"]
+    args = ["batch", manifest, "-o", out, "--tiny", "--steps", "3", "--format", "stl", "--quiet"]
     procs = [spawn_cli(args, cli_env, dict(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r))) for r in range(2)]
     for p in procs:
         _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
+        assert err == ""  # --quiet
     ran = {}
     for rank in range(2):
         part = json.loads((out / f"summary.rank{rank}-of-2.json").read_text())
@@ -214,10 +246,96 @@ def test_batch_sharded_over_two_processes(tmp_path, cli_env):
             ran[job["name"]] = rank
     assert ran == {f"job{i}": i % 2 for i in range(4)}
     for i in range(4):
-        config = _check_run_folder(out / f"job{i}", steps=3)
+        config = _check_run_folder(out / f"job{i}", fmt="stl", steps=3)
         assert (config["rank"], config["world_size"]) == (i % 2, 2)
         assert (config["prompt"], config["seed"]) == (f"object {i}", i)
     assert json.loads((out / "summary.json").read_text())["counts"] == {"done": 4, "failed": 0, "pending": 0}
+
+
+def test_ctrl_c_mid_run_exits_130_and_writes_nothing(tmp_path, ref, cli_env):
+    out, log = tmp_path / "out", tmp_path / "stderr.log"
+    env = {k: v for k, v in cli_env.items() if k != "TQDM_DISABLE"}  # the bar tells when sampling runs
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([str(SCRIPT), "--tiny", "--image", str(ref), "--prompt", "a box", "--steps", "400",
+                                 "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=err)
+        deadline = time.monotonic() + 120
+        while b"reward=" not in log.read_bytes():  # sampling (400 steps, ~40 s) has begun
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    text = log.read_text()
+    assert proc.returncode == 130 and stdout == b""
+    assert re.split(r"[\r\n]+", text.strip())[-1] == INTERRUPTED and "Traceback" not in text
+    assert re.search(r"Guided sampling: +\d+%.*?\d+/400 .*?reward=[+-]\d+\.\d{3}\]", text)
+    assert not out.exists()  # interrupted before writing: nothing, not a half-written mesh
+
+
+def test_empty_final_surface_is_one_line_and_writes_nothing(tmp_path, ref, tiny_cache, monkeypatch, capsys):
+    """Every step has an empty surface (a level no field reaches): sampling goes on unguided, then the run
+    fails in one line (hy3dgen's own traceback for the empty export is kept off the terminal)."""
+    monkeypatch.setenv("VLM3D_TINY_CACHE", str(tiny_cache))
+    out = tmp_path / "out"
+    code = main(["--tiny", "--image", str(ref), "--mc-level", "1e6", "--steps", "2", "-o", str(out), "--quiet"])
+    assert code == 1
+    assert capsys.readouterr().err.splitlines() == [
+        "vlm3d-guide: error: the guided sample has no surface at the iso-level (empty mesh); try another --seed, "
+        "a lower --lam, or --mc-level"]
+    assert not out.exists()
+
+
+def test_nan_steps_survived_and_interrupted_overwrite(tmp_path, ref, tiny_cache, monkeypatch, capsys):
+    """Real faults, no stand-in models: Ctrl-C while a second run writes into a finished run's folder leaves
+    complete files and no config.json vouching for them; a NaN inside the critic's weights makes every
+    guided step non-finite: the run goes on unguided, warns once and records every step."""
+    import torch
+
+    from vlm3d_guidance import cli, outputs
+
+    monkeypatch.setenv("VLM3D_TINY_CACHE", str(tiny_cache))
+    s = cli.resolve_settings(cli.build_parser().parse_args(["--tiny", "--steps", "3"]))
+    cli.check_settings(s)
+    devices = cli.resolve_devices(s)
+    pipe = cli.load_pipeline(s, devices, quiet=True)
+
+    def run(seed, out):
+        return cli.run_job(pipe, s, devices, ref, "a box", seed, out, quiet=False, command=["test"])
+
+    out = tmp_path / "out"
+    run(0, out)
+    old_mesh = (out / "mesh.glb").read_bytes()
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m:  # Ctrl-C after mesh, views and trace.json, while the plot is drawn
+        m.setattr(outputs, "trace_figure", ctrl_c)
+        with pytest.raises(KeyboardInterrupt):
+            run(1, out)
+    assert sorted(p.name for p in out.iterdir()) == ["mesh.glb", "trace.json", "trace.png", "views.png"]
+    new_mesh = _check_mesh(out / "mesh.glb")  # the new mesh, complete
+    assert (out / "mesh.glb").read_bytes() != old_mesh and len(new_mesh.faces) > 0
+    assert json.loads((out / "trace.json").read_text())["seed"] == 1
+    with pytest.raises(cli.UsageError, match=r"mesh.glb already exists \(an earlier run that did not finish\)"):
+        cli.check_output(out, overwrite=False)
+
+    yes = pipe.critic.processor.tokenizer.convert_tokens_to_ids("Yes")
+    with torch.no_grad():
+        pipe.critic.model.get_output_embeddings().weight[yes, 0] = float("nan")
+    capsys.readouterr()
+    nan_out = tmp_path / "nan"
+    config = run(0, nan_out)
+    warned = [line for line in capsys.readouterr().err.splitlines() if "warning:" in line]
+    assert len(warned) == 1 and "skipped at step 0 (non-finite reward)" in warned[0]
+    assert config["final_reward"] == {"guided": None} and len(config["warnings"]) == 1
+    strict = dict(parse_constant=lambda c: pytest.fail(f"{c} in JSON"))
+    config = json.loads((nan_out / "config.json").read_text(), **strict)
+    trace = json.loads((nan_out / "trace.json").read_text(), **strict)
+    assert [r["skipped"] for r in trace["records"]] == [["non-finite reward"]] * 2 + [["not scheduled"]]
+    assert [r["reward"] for r in trace["records"]] == [[None], [None], []]
+    assert not any(r["guided"] for r in trace["records"])
+    _check_mesh(nan_out / "mesh.glb")
+    assert config["outputs"] == ["mesh.glb", "views.png", "trace.json", "trace.png", "config.json"]
 
 
 # ------------------------------------------------------------------------------------ user mistakes
@@ -254,6 +372,8 @@ MISTAKES = {
     "bad schedule": (lambda t, r: ["--tiny", "--image", r, "--schedule", "zigzag", "-o", t / "out"], "--schedule"),
     "bad window": (lambda t, r: ["--tiny", "--image", r, "--start", "0.9", "--end", "0.1", "-o", t / "out"], "start"),
     "bad render size": (lambda t, r: ["--tiny", "--image", r, "--render-size", "10", "-o", t / "out"], "render_size"),
+    "views that would not fit": (lambda t, r: ["--tiny", "--image", r, "--views", "65", "-o", t / "out"],
+                                 "--views 65 is too large (at most 64"),
     "bad format": (lambda t, r: ["--tiny", "--image", r, "--format", "fbx", "-o", t / "out"], "--format"),
     "bad dtype": (lambda t, r: ["--tiny", "--image", r, "--dtype", "int8", "-o", t / "out"], "--dtype"),
     "bad device": (lambda t, r: ["--tiny", "--image", r, "--device", "gpu7", "-o", t / "out"], "--device"),

@@ -99,6 +99,9 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 OUTPUT_STEMS = ("mesh", "baseline")
 OUTPUT_FILES = ("views.png", "trace.json", "trace.png", "config.json")
 REPORT_FILES = ("report.json", "report.md", "report.png")
+# Upper bounds on the knobs that size memory (generous): a typo such as --views 400 or --render-size
+# 4480 would otherwise load the models and then run out of memory.
+MAXIMA = dict(views=64, render_size=2048, grid_resolution=512, octree_resolution=1024, sheet_size=2048)
 DTYPES = {"float16": "float16", "fp16": "float16", "half": "float16", "bfloat16": "bfloat16",
           "bf16": "bfloat16", "float32": "float32", "fp32": "float32", "float": "float32"}
 
@@ -351,6 +354,10 @@ def check_settings(s: dict) -> None:
             raise UsageError(f"{_FLAGS[key]} must be a finite number (got {value!r}); the default is {DEFAULTS[key]}")
 
     need_int("steps", 1)
+    for key, maximum in MAXIMA.items():
+        if isinstance(s[key], int) and s[key] > maximum:
+            raise UsageError(f"{_FLAGS[key]} {s[key]} is too large (at most {maximum}; the default is "
+                             f"{DEFAULTS[key]}); it would run out of memory")
     need_int("seed", 0)
     if s["seed"] >= 2 ** 63:
         raise UsageError(f"--seed must be < 2**63 (got {s['seed']}); any smaller non-negative integer works")
@@ -600,7 +607,8 @@ def check_output(path, overwrite: bool) -> Path:
         raise UsageError(f"-o {path} is a file; give a folder")
     found = existing_outputs(out)
     if found and not overwrite:
-        raise UsageError(f"{found[0]} already exists (an earlier run); pass --overwrite to replace it, or "
+        what = "an earlier run" if (out / "config.json").is_file() else "an earlier run that did not finish"
+        raise UsageError(f"{found[0]} already exists ({what}); pass --overwrite to replace it, or "
                          "choose another -o folder")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
@@ -651,12 +659,37 @@ def load_pipeline(s: dict, devices: dict, quiet: bool):
         hunyuan = load_tiny_hunyuan_pipeline("standard", device=devices["device"], dtype=dtype)
         critic = VLMCritic.from_pretrained(build_tiny_qwen("qwen2_5_vl"), device=devices["critic_device"],
                                            dtype=critic_dtype, query=s["critic_query"])
-        return GuidedHunyuanPipeline(hunyuan, critic, cfg)
-    model_path = _local_path(s["model_path"]) if _looks_local(s["model_path"]) else s["model_path"]
-    return GuidedHunyuanPipeline.from_pretrained(
-        model_path=model_path, subfolder=s["subfolder"], critic=s["critic"], device=devices["device"],
-        dtype=dtype, critic_device=devices["critic_device"], critic_dtype=critic_dtype, config=cfg,
-        critic_query=s["critic_query"])
+        pipe = GuidedHunyuanPipeline(hunyuan, critic, cfg)
+    else:
+        model_path = _local_path(s["model_path"]) if _looks_local(s["model_path"]) else s["model_path"]
+        pipe = GuidedHunyuanPipeline.from_pretrained(
+            model_path=model_path, subfolder=s["subfolder"], critic=s["critic"], device=devices["device"],
+            dtype=dtype, critic_device=devices["critic_device"], critic_dtype=critic_dtype, config=cfg,
+            critic_query=s["critic_query"])
+    vae = getattr(pipe.pipeline, "vae", None)
+    if vae is not None and getattr(vae, "surface_extractor", None) is not None:
+        vae.surface_extractor = _SilentSurfaceExtractor(vae.surface_extractor)
+    return pipe
+
+
+class _SilentSurfaceExtractor:
+    """hy3dgen's surface extractor prints a full traceback when a field has no surface at the level
+    (and returns None for it). The CLI reports an empty surface in one line (:class:`JobError`), so
+    that traceback is kept off the terminal."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, *args, **kwargs):
+        import io
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "inner":  # not set yet (copy, pickle)
+            raise AttributeError(name)
+        return getattr(self.inner, name)
 
 
 def _quiet_hy3dgen() -> None:
@@ -718,6 +751,12 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
     base_mesh = baseline.meshes[0] if baseline is not None and baseline.meshes else None
 
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier run's config.json (the completion marker) and reports describe files about to be
+    # replaced: remove them before the first new file lands, so an interrupted --overwrite never
+    # leaves an old config.json vouching for a mix of old and new files.
+    for old in existing_outputs(out):
+        if old.name == "config.json" or old.name in REPORT_FILES:
+            old.unlink()
     fmt = s["format"]
     written = []
     t = time.perf_counter()
@@ -761,6 +800,7 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
         model_path=s["model_path"], subfolder=s["subfolder"], critic_model=s["critic"], tiny=s["tiny"],
         settings={**s, "seed": seed}, resolved=devices, guidance=cfg.to_dict(), final_reward=final,
         outputs=written + ["config.json"], warnings=run_warnings, seconds=seconds,
+        notice=TINY_NOTICE.split(": ", 1)[1] if s["tiny"] else None,
         finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     )
@@ -799,7 +839,7 @@ def run_single(argv: list) -> int:
     check_backend(s, devices)
     sources = check_models(s)
 
-    if s["tiny"]:
+    if s["tiny"] and not quiet:  # --quiet: the notice is in config.json
         print(TINY_NOTICE, file=sys.stderr, flush=True)
     if quiet:
         _silence_progress_bars()
@@ -1019,7 +1059,7 @@ def run_batch(argv: list) -> int:
     runnable = [job for job in todo if job.problem is None]
     sources = check_models(s) if runnable else {}
 
-    if s["tiny"]:
+    if s["tiny"] and not quiet:  # --quiet: the notice is in config.json
         print(TINY_NOTICE, file=sys.stderr, flush=True)
     if quiet:
         _silence_progress_bars()
@@ -1117,7 +1157,8 @@ def run_eval(argv: list) -> int:
         _silence_progress_bars()
     critic = critic_name
     if args.tiny:
-        print(TINY_NOTICE, file=sys.stderr, flush=True)
+        if not args.quiet:
+            print(TINY_NOTICE, file=sys.stderr, flush=True)
         from .critic import VLMCritic
         from .tiny import build_tiny_qwen
 
@@ -1175,7 +1216,8 @@ def main(argv=None) -> int:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"\n{PROG}: interrupted; files already written are complete (none is half-written)",
+        end_bar = "" if "--quiet" in argv else "\n"  # ends a progress bar's line; --quiet: exactly one line
+        print(f"{end_bar}{PROG}: interrupted; files already written are complete (none is half-written)",
               file=sys.stderr)
         return 130
     except SystemExit:
