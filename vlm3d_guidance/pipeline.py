@@ -212,7 +212,7 @@ class GuidedHunyuanPipeline:
 
         trace: list[StepRecord] = []
         warned: set = set()
-        bar = tqdm(timesteps, disable=not enable_pbar, desc="Guided sampling")
+        bar = tqdm(timesteps, disable=not enable_pbar, desc="Guided sampling" if cfg.lam > 0 else "Sampling (unguided)")
         for i, t in enumerate(bar):
             sigma = float(schedule_sigmas[i])
             lam = cfg.lam_at(i, num_inference_steps)
