@@ -218,6 +218,35 @@ def test_templates_and_weighted_queries(tiny_root):
         VLMCritic(base.model, base.processor, query="duel")
 
 
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl", "qwen3_vl"])
+def test_several_queries_share_one_vision_pass(tiny_root, family):
+    """Three queries about the same views run the vision tower once; reward, parts and image
+    gradient equal those of running it once per query."""
+    base = get_critic(tiny_root, family)
+    query = {"dual": 1.0, "content": 0.5, "geometry": -0.25}
+    shared = VLMCritic(base.model, base.processor, query=query)
+    separate = VLMCritic(base.model, base.processor, query=query)
+    assert shared._shares_image_features
+    separate._shares_image_features = False
+    calls = []
+    hook = base.model.model.visual.register_forward_hook(lambda *a: calls.append(1))
+    x0 = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    try:
+        results = []
+        for critic in (shared, separate):
+            calls.clear()
+            x = x0.clone().requires_grad_(True)
+            score = critic.score(x, PROMPT)
+            (g,) = torch.autograd.grad(score.reward, x)
+            results.append((float(score.reward.detach()), score.parts, g, len(calls)))
+    finally:
+        hook.remove()
+    (r1, p1, g1, n1), (r2, p2, g2, n2) = results
+    assert (n1, n2) == (1, 3)
+    assert r1 == pytest.approx(r2, abs=1e-6) and p1 == pytest.approx(p2, abs=1e-6)
+    assert float((g1 - g2).abs().max()) <= 1e-5 * float(g2.abs().max())  # float32 summation order
+
+
 def test_prompt_ids_cached_per_prompt_views_and_size(tiny_root):
     critic = VLMCritic(get_critic(tiny_root).model, get_critic(tiny_root).processor)
     x = torch.rand(2, 3, 224, 224)

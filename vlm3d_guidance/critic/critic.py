@@ -10,6 +10,7 @@ re-implementation of the image processor (:mod:`vlm3d_guidance.critic.vision`) i
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -87,7 +88,9 @@ class VLMCritic:
             (``requires_grad_(False)``) and it is put in eval mode.
         processor: the matching HF processor (tokenizer with chat template + image processor).
         query: template name (``"dual"``, ``"content"``, ``"geometry"``), a custom template string
-            containing ``{description}``, or a dict ``{template-or-name: weight}`` (weighted sum).
+            containing ``{description}``, or a dict ``{template-or-name: weight}`` (weighted sum;
+            the queries share one vision-tower pass over the views, then each runs the language
+            model on its own text).
         reward_mode: ``"logit"`` -> ``z_yes - z_no`` (paper eq. 8); ``"prob"`` ->
             ``P(Yes) - P(No)`` with the two-way probabilities of eq. 7 (``= tanh((z_yes - z_no) / 2)``),
             a bounded reward.
@@ -141,6 +144,10 @@ class VLMCritic:
         self.yes_id = self._single_token_id("Yes")
         self.no_id = self._single_token_id("No")
         self._prompt_cache: OrderedDict = OrderedDict()
+        # Several queries about the same views share one vision-tower pass when the model's forward
+        # takes precomputed image features (transformers >= 5.x: ``mm_encoder_outputs``).
+        self._shares_image_features = ("mm_encoder_outputs" in inspect.signature(model.forward).parameters
+                                       and hasattr(model, "get_image_features"))
         self.cache_hits = 0
         self.cache_misses = 0
 
@@ -262,17 +269,28 @@ class VLMCritic:
         finally:
             self.model.train(was_training)
 
-    def _yes_no_logits(self, pixel_values, grid_thw, input_ids, mm_token_type_ids) -> torch.Tensor:
+    def _image_features(self, pixel_values, grid_thw):
+        """The vision tower's output for the views, computed once and shared by every query
+        (transformers' ``mm_encoder_outputs``), or None where the model cannot take it (then each
+        query runs the vision tower itself: same values, more work)."""
+        if len(self.queries) < 2 or not self._shares_image_features:
+            return None
+        with self._mode():
+            return self.model.get_image_features(pixel_values, grid_thw, return_dict=True)
+
+    def _yes_no_logits(self, pixel_values, grid_thw, input_ids, mm_token_type_ids, image_features=None) -> torch.Tensor:
         """``[2]`` logits (Yes, No) at the last position, in float32 (float64 for float64 models)."""
+        images = (dict(mm_encoder_outputs={"image": image_features}) if image_features is not None
+                  else dict(pixel_values=pixel_values))
         with self._mode():
             out = self.model(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
-                pixel_values=pixel_values,
                 image_grid_thw=grid_thw,
                 mm_token_type_ids=mm_token_type_ids,
                 use_cache=False,
                 logits_to_keep=1,
+                **images,
             )
         last = out.logits[0, -1]
         out_dtype = torch.promote_types(last.dtype, torch.float32)
@@ -287,9 +305,10 @@ class VLMCritic:
         prompts = [self._prompt(t, n, grid) for t in texts]  # validates lengths before the model runs
         x = images.to(self.device)
         pixel_values, grid_thw = image_inputs(x, self.vision, dtype=self.dtype)
+        features = self._image_features(pixel_values, grid_thw)
         out = []
         for q, (input_ids, mm) in zip(self.queries, prompts):
-            z_yes, z_no = self._yes_no_logits(pixel_values, grid_thw, input_ids, mm)
+            z_yes, z_no = self._yes_no_logits(pixel_values, grid_thw, input_ids, mm, features)
             logit = z_yes - z_no
             r = logit if self.reward_mode == "logit" else torch.tanh(logit / 2)
             out.append((q.name, q.weight, r, float(torch.sigmoid(logit.detach()))))
