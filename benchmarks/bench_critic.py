@@ -85,7 +85,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cpu" and args._one is None and not args.quick:
-        return _run_rows_in_subprocesses(args, argv if argv is not None else sys.argv[1:])
+        _run_rows_in_subprocesses(args, argv if argv is not None else sys.argv[1:])
+        return shared_vision_table(args, device)
 
     torch.set_num_threads(1)
     from vlm3d_guidance.critic import VLMCritic
@@ -112,6 +113,45 @@ def main(argv=None):
             print(f"| {n:5d} | {size:4d} | {toks:12d} | {sec * 1e3:9.1f} | {saved / 2**20:24.1f} "
                   f"| {peak / 2**20:10.1f} | {r:+.4f} |")
             sys.stdout.flush()
+    if args._one is None:
+        shared_vision_table(args, device)
+
+
+def shared_vision_table(args, device):
+    """Three queries (dual + content + geometry, as ``vlm3d-guide eval`` scores them) with one shared
+    vision-tower pass against one pass per query: reward + backward time, median, in one run."""
+    torch.set_num_threads(1)
+    from vlm3d_guidance.critic import VLMCritic
+    from vlm3d_guidance.tiny.qwen import build_tiny_qwen
+
+    base = VLMCritic.from_pretrained(args.model or build_tiny_qwen("qwen2_5_vl"), device=device, dtype=args.dtype)
+    query = {"dual": 1.0, "content": 1.0, "geometry": 1.0}
+    shared = VLMCritic(base.model, base.processor, query=query)
+    separate = VLMCritic(base.model, base.processor, query=query)
+    separate._shares_image_features = False
+    n, size = (2, 224) if args.quick else (4, 448)
+    repeats = 1 if args.quick else args.repeats
+    x0 = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device)
+    timings = {}
+    for name, critic in (("one vision pass per query", separate), ("one shared vision pass", shared)):
+        ts = []
+        for _ in range(repeats + 1):  # the first call warms the prompt cache
+            x = x0.clone().requires_grad_(True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            critic.score(x, "a red chair with four legs").reward.backward()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t0)
+        timings[name] = statistics.median(ts[1:])
+    ref = timings["one vision pass per query"]
+    print(f"\n# three queries (dual + content + geometry), {n} views x {size} px, reward + backward, median of {repeats}")
+    print("| vision tower | time (ms) | ratio |")
+    print("|---|--:|--:|")
+    for name, sec in timings.items():
+        print(f"| {name} | {sec * 1e3:.1f} | {sec / ref:.2f} |")
+    sys.stdout.flush()
 
 
 def _header(args, dtype, repeats, mem_kind):
