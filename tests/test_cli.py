@@ -384,6 +384,8 @@ MISTAKES = {
     "missing critic folder": (lambda t, r: ["--image", r, "--model-path", _fake_model(t), "--critic",
                                             t / "no_critic", "-o", t / "out"], "critic folder not found"),
     "missing config file": (lambda t, r: ["--config", t / "none.json", "-o", t / "out"], "--config"),
+    # /proc takes no files, not even from root (for whom os.access says yes everywhere)
+    "output folder not writable": (lambda t, r: ["--tiny", "--image", r, "-o", "/proc/vlm3d-out/x"], "cannot write to /proc"),
     "batch: bad manifest": (lambda t, r: ["batch", _manifest(t, '{"image": "a.png"}\n{oops'), "-o", t / "out",
                                           "--tiny"], ":2: not JSON"),
     "batch: empty folder": (lambda t, r: ["batch", _empty(t), "-o", t / "out", "--tiny"], "no images"),

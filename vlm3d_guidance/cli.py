@@ -31,6 +31,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import time
 import traceback
 import warnings
@@ -611,8 +612,14 @@ def check_output(path, overwrite: bool) -> Path:
         raise UsageError(f"{found[0]} already exists ({what}); pass --overwrite to replace it, or "
                          "choose another -o folder")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"cannot write to {parent}; choose an -o folder you can write to")
+    # A real probe, not os.access: root passes access() everywhere, yet a read-only mount or /proc
+    # would only fail after sampling. The probe file is removed at once.
+    try:
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=".vlm3d-write-probe-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot write to {parent} ({exc.strerror or exc}); choose an -o folder you can "
+                         "write to") from None
     return out
 
 
