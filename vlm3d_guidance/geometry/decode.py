@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from .adaptive import coarse_to_fine_sdf
 from .grid import FieldGrid
 from .marching_cubes import extract_topology
 
@@ -62,6 +63,22 @@ def _dense_sdf(vae, h: torch.Tensor, grid: FieldGrid, mc_level: float, num_chunk
     return sdf
 
 
+@torch.no_grad()
+def _coarse_to_fine_sdf(vae, h: torch.Tensor, grid: FieldGrid, mc_level: float, num_chunks: int):
+    """Per batch row: the coarse-to-fine no-grad SDF ``[B, N, N, N]`` and its topologies."""
+    dtype = torch.promote_types(h.dtype, torch.float32)
+    sdfs, topos = [], []
+    for b in range(h.shape[0]):
+        def decode(flat, b=b):
+            pts = grid.points_at(flat.to(h.device), h.dtype)
+            return _field_to_sdf(_decode_points(vae, h[b: b + 1], pts, num_chunks)[0].to(dtype), mc_level)
+
+        sdf, _, topo = coarse_to_fine_sdf(decode, grid, device=h.device, dtype=dtype)
+        sdfs.append(sdf)
+        topos.append(topo)
+    return torch.stack(sdfs), topos
+
+
 def decode_field(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1.01,
                  mc_level: float = 0.0, num_chunks: int = 8000) -> torch.Tensor:
     """Dense SDF grid from a clean latent, without gradients.
@@ -85,10 +102,16 @@ def decode_field(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1.0
 
 
 def decode_surface(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1.01,
-                   mc_level: float = 0.0, num_chunks: int = 8000, return_sdf: bool = False):
+                   mc_level: float = 0.0, num_chunks: int = 8000, return_sdf: bool = False,
+                   coarse_to_fine: bool = False):
     """Meshes from a clean latent whose vertices are differentiable w.r.t. ``x0``.
 
-    Args: as :func:`decode_field`.
+    Args: as :func:`decode_field`, plus
+        coarse_to_fine: decode the no-grad grid only near the surface
+            (:func:`~.adaptive.coarse_to_fine_sdf`: the coarse lattice, the band around its sign
+            changes, then every crossed cube completed; needs an even ``resolution``). Same mesh as
+            the dense grid wherever the surface touches the band, at a fraction of the decoder
+            queries; it can miss a piece thinner than two grid cells that no coarse point sees.
 
     Returns:
         list of ``B`` pairs ``(verts [V, 3] world coords, faces [F, 3] long)`` (outward winding,
@@ -98,11 +121,14 @@ def decode_surface(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1
     """
     grid = FieldGrid(resolution, box_v)
     h = _latent_tokens(vae, x0)  # WITH grad (if enabled): [B, L, W]
-    sdf = _dense_sdf(vae, h.detach(), grid, mc_level, num_chunks)
     vdtype = torch.promote_types(h.dtype, torch.float32)
+    if coarse_to_fine:
+        sdf, topos = _coarse_to_fine_sdf(vae, h.detach(), grid, mc_level, num_chunks)
+    else:
+        sdf = _dense_sdf(vae, h.detach(), grid, mc_level, num_chunks)
+        topos = [extract_topology(sdf[b], grid, 0.0) for b in range(h.shape[0])]
     meshes = []
-    for b in range(h.shape[0]):
-        topo = extract_topology(sdf[b], grid, 0.0)
+    for b, topo in enumerate(topos):
         if topo.is_empty:
             meshes.append((torch.zeros(0, 3, dtype=vdtype, device=h.device),
                            torch.zeros(0, 3, dtype=torch.long, device=h.device)))
