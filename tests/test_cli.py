@@ -371,6 +371,8 @@ MISTAKES = {
     "zero steps": (lambda t, r: ["--tiny", "--image", r, "--steps", "0", "-o", t / "out"], "--steps"),
     "bad schedule": (lambda t, r: ["--tiny", "--image", r, "--schedule", "zigzag", "-o", t / "out"], "--schedule"),
     "bad window": (lambda t, r: ["--tiny", "--image", r, "--start", "0.9", "--end", "0.1", "-o", t / "out"], "start"),
+    "odd grid for coarse-to-fine": (lambda t, r: ["--tiny", "--image", r, "--coarse-to-fine", "--grid-resolution",
+                                                   "33", "-o", t / "out"], "even grid_resolution"),
     "bad render size": (lambda t, r: ["--tiny", "--image", r, "--render-size", "10", "-o", t / "out"], "render_size"),
     "views that would not fit": (lambda t, r: ["--tiny", "--image", r, "--views", "65", "-o", t / "out"],
                                  "--views 65 is too large (at most 64"),

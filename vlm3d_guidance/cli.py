@@ -68,6 +68,7 @@ DEFAULTS = dict(
     shading="clay",
     backend="auto",
     grid_resolution=64,
+    coarse_to_fine=False,
     octree_resolution=384,
     mc_level=0.0,
     num_chunks=8000,
@@ -92,7 +93,7 @@ _GUIDANCE_KEYS = dict(lam="lam", schedule="schedule", start="start", end="end", 
                       gradient="gradient", dit_checkpointing="dit_checkpointing", normalize="normalize",
                       clip="clip", num_views="views", elevation="elevation", fov="fov",
                       render_size="render_size", shading="shading", backend="backend",
-                      grid_resolution="grid_resolution")
+                      grid_resolution="grid_resolution", coarse_to_fine="coarse_to_fine")
 _FLAGS = {key: "--" + key.replace("_", "-") for key in DEFAULTS}
 _FLAGS.update(guidance_scale="--cfg", views="--views", steps="--steps", critic="--critic")
 
@@ -202,6 +203,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                    help=f"rasterizer; auto = nvdiffrast on CUDA when installed ({dflt('backend')})")
     g.add_argument("--grid-resolution", dest="grid_resolution", type=int, metavar="N",
                    help=f"field grid used for guidance at every step ({dflt('grid_resolution')})")
+    g.add_argument("--coarse-to-fine", dest="coarse_to_fine", action=argparse.BooleanOptionalAction,
+                   help="decode that grid only near the surface: same mesh wherever the surface touches "
+                        "the coarse band, far fewer decoder queries (needs an even --grid-resolution; can "
+                        f"miss a piece thinner than two cells) ({dflt('coarse_to_fine')})")
 
     g = parser.add_argument_group("devices")
     g.add_argument("--device", metavar="DEV", help=f"device of the Hunyuan pipeline, e.g. cuda, cuda:1, cpu "

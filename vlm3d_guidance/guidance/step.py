@@ -86,7 +86,8 @@ class RewardResult:
 def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, box_v: float,
                         mc_level: float, grid_resolution: int, render_size: int, shading: str,
                         backend: str, num_chunks: int, seconds: dict,
-                        want_gradient: bool = True, keep_images: bool = False) -> RewardResult:
+                        want_gradient: bool = True, keep_images: bool = False,
+                        coarse_to_fine: bool = False) -> RewardResult:
     """The critic's reward of one clean latent and its gradient w.r.t. that latent.
 
     Args:
@@ -97,6 +98,8 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         cameras: :class:`~vlm3d_guidance.render.Cameras` for the views.
         seconds: dict that receives per-stage wall times (accumulated).
         want_gradient: False computes the reward only (no graph is kept).
+        coarse_to_fine: decode the guidance grid only near the surface (see
+            :func:`~vlm3d_guidance.geometry.decode_surface`).
 
     Returns:
         :class:`RewardResult`; ``skipped`` is "empty surface", "non-finite reward" or
@@ -108,7 +111,8 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         vae_dtype = next(vae.parameters()).dtype
         with timed(seconds, "decode", device):
             (verts, faces), = decode_surface(vae, leaf.to(vae_dtype), resolution=grid_resolution,
-                                             box_v=box_v, mc_level=mc_level, num_chunks=num_chunks)
+                                             box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
+                                             coarse_to_fine=coarse_to_fine)
         if faces.shape[0] == 0:
             return RewardResult(None, None, "empty surface")
         # Render in float32 at least (float64 stays float64: exact gradient checks need it).
