@@ -247,6 +247,14 @@ def test_coarse_to_fine_on_analytic_fields():
     _, _, topo = coarse_to_fine_sdf(decode, grid, dtype=torch.float64)
     assert _same_topology(topo, extract_topology(bumpy, grid))
     assert extract_topology(with_blob, grid).faces.shape[0] > topo.faces.shape[0]
+    # (4) NaN values (unknown cells of hierarchical decoders) count as outside, as on the dense path
+    holey = bumpy.clone()
+    holey[:4] = float("nan")
+    decode, _ = _field_decoder(holey)
+    _, _, topo = coarse_to_fine_sdf(decode, grid, dtype=torch.float64)
+    assert _same_topology(topo, extract_topology(holey, grid))
+    decode, _ = _field_decoder(torch.full_like(bumpy, float("nan")))
+    assert coarse_to_fine_sdf(decode, grid, dtype=torch.float64)[2].is_empty
     with pytest.raises(ValueError, match="even grid resolution"):
         coarse_to_fine_sdf(decode, FieldGrid(47))
 

@@ -67,8 +67,9 @@ def coarse_to_fine_sdf(decode, grid: FieldGrid, dilate: int = 1, device=None, dt
     lattice[::2, ::2, ::2] = True
     fetch(lattice)
     coarse = vals[::2, ::2, ::2]
-    big = coarse[torch.isfinite(coarse)].abs().max() if torch.isfinite(coarse).any() else torch.tensor(1.0)
-    coarse = torch.where(torch.isfinite(coarse), coarse, big.to(dtype))
+    finite = torch.isfinite(coarse)
+    big = coarse[finite].abs().max() if bool(finite.any()) else coarse.new_tensor(1.0)
+    coarse = torch.where(finite, coarse, big)  # NaN -> outside, like the dense path
     # 2. fine points of sign-changing coarse cells, dilated
     c = coarse[None, None]
     lo = -F.max_pool3d(-c, 2, stride=1)[0, 0]
