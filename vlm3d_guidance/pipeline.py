@@ -157,16 +157,10 @@ class GuidedHunyuanPipeline:
                 f"and the guidance options {sorted(base.to_dict())}")
         cfg = base.replace(**kwargs) if kwargs else base
         cfg.validate()
-        if (not isinstance(num_inference_steps, numbers.Integral) or isinstance(num_inference_steps, bool)
-                or num_inference_steps < 1):
-            raise ValueError(f"num_inference_steps must be a positive integer (got {num_inference_steps!r})")
-        num_inference_steps = int(num_inference_steps)
+        num_inference_steps = _positive_int("num_inference_steps", num_inference_steps)
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable as callback(step, t, outputs) (got {callback!r})")
-        if callback_steps is not None and (not isinstance(callback_steps, numbers.Integral)
-                                           or isinstance(callback_steps, bool) or callback_steps < 1):
-            raise ValueError(f"callback_steps must be a positive integer or None (got {callback_steps!r})")
-        callback_steps = 1 if callback_steps is None else int(callback_steps)
+        callback_steps = 1 if callback_steps is None else _positive_int("callback_steps", callback_steps, " or None")
         pipe = self.pipeline
         if image is None:
             raise ValueError("image is required: a path, a PIL image, a list of them, or a dict of views")
@@ -387,6 +381,13 @@ def _clone_tree(tree):
     if isinstance(tree, dict):
         return {k: _clone_tree(v) for k, v in tree.items()}
     return tree
+
+
+def _positive_int(name: str, value, alternatives: str = "") -> int:
+    """``value`` as an int, or a ValueError naming ``name`` (any integral type; not bool, not < 1)."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{alternatives} (got {value!r})")
+    return int(value)
 
 
 def _patch_forward(module, wrap) -> None:
