@@ -35,7 +35,6 @@ Conventions
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -43,7 +42,7 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import trimesh
 
-from .outputs import atomic_write_bytes
+from .outputs import atomic_write_bytes, atomic_write_json
 
 #: Query templates scored by :func:`critic_rewards`, in report order.
 QUERY_NAMES = ("dual", "content", "geometry")
@@ -676,29 +675,6 @@ def _figure_png(views: Mapping[str, Any], title: str = "") -> bytes:
     return buf.getvalue()
 
 
-def _strict_json(value: Any) -> Any:
-    """``value`` with NaN/inf floats replaced by None, so that ``report.json`` is strict JSON."""
-    if isinstance(value, Mapping):
-        return {str(k): _strict_json(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_strict_json(v) for v in value]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(float(value)):
-        return None
-    return value
-
-
-def _json_default(value: Any):
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (np.floating,)):
-        return float(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, Path):
-        return str(value)
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
 def evaluate_folder(
     folder: str | os.PathLike,
     critic: Any = None,
@@ -818,5 +794,5 @@ def evaluate_folder(
     json_path, md_path = folder / "report.json", folder / "report.md"
     report["paths"] = {"json": str(json_path), "md": str(md_path), "png": report["figure"]}
     atomic_write_bytes(md_path, report_markdown(report).encode("utf-8"))
-    atomic_write_bytes(json_path, (json.dumps(_strict_json(report), indent=2, default=_json_default, allow_nan=False) + "\n").encode("utf-8"))
+    atomic_write_json(json_path, report)  # strict JSON: NaN/inf become null
     return report
