@@ -469,3 +469,20 @@ def test_evaluate_folder_with_critic_and_clip(tmp_path, tiny_critic, tiny_clip):
     md = Path(report["paths"]["md"]).read_text()
     assert "critic reward (dual)" in md and "CLIP-D" in md
     assert Path(report["paths"]["png"]).is_file()
+
+
+def test_reports_are_strict_json(tmp_path):
+    """The one JSON writer (report.json, trace.json, config.json): NaN and infinities, as Python,
+    numpy scalars or arrays, become null; the file parses with a reader that rejects NaN."""
+    from vlm3d_guidance.outputs import atomic_write_json
+
+    value = {"a": float("nan"), "b": [1.0, float("inf"), np.float32("nan")], "c": np.array([0.5, -np.inf]),
+             "d": {"e": (np.float64(2.0), -float("inf"))}, "f": np.int64(3)}
+    path = atomic_write_json(tmp_path / "report.json", value)
+
+    def reject(constant):
+        raise AssertionError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=reject) == {
+        "a": None, "b": [1.0, None, None], "c": [0.5, None], "d": {"e": [2.0, None]}, "f": 3}
+    assert list(tmp_path.iterdir()) == [path]  # no temporary file left beside it
