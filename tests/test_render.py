@@ -9,8 +9,7 @@ import trimesh
 from vlm3d_guidance.geometry import marching_cubes
 from vlm3d_guidance.render import get_backend, interpolate, orbit_cameras, rasterize, render_views
 from vlm3d_guidance.render.raster_nvdiffrast import available as nvdiffrast_available
-from vlm3d_guidance.render.raster_torch import barycentrics, visibility
-from vlm3d_guidance.render.views import interpolate_covered
+from vlm3d_guidance.render.raster_torch import barycentrics, interpolate_covered, visibility
 
 D, FOV, R = 3.0, 40.0, 0.8
 

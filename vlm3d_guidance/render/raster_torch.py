@@ -162,6 +162,33 @@ def rasterize(pos: torch.Tensor, tri: torch.Tensor, resolution) -> torch.Tensor:
     return rast.reshape(B, H, W, 4)
 
 
+def interpolate_covered(attr: torch.Tensor, rast_flat: torch.Tensor, covered: torch.Tensor,
+                        tri: torch.Tensor, pixels_per_image: int) -> torch.Tensor:
+    """Vertex attributes interpolated at the covered pixels only (packed).
+
+    Works on either backend's ``rast`` (it reads only the shared convention).
+
+    Args:
+        attr: ``[B, V, C]`` per-image attributes, or ``[1, V, C]`` shared by all images.
+        rast_flat: ``rast.reshape(-1, 4)`` = ``(u, v, z/w, triangle_id + 1)`` per pixel.
+        covered: ``[P]`` flat pixel indices ``(b * H + row) * W + col`` with ``triangle_id + 1 > 0``.
+        tri: ``[F, 3]`` vertex indices.
+        pixels_per_image: ``H * W``.
+
+    Returns:
+        ``[P, C]`` = ``u * a[t0] + v * a[t1] + (1 - u - v) * a[t2]`` in the promoted dtype of
+        ``attr`` and ``rast``, differentiable w.r.t. ``attr`` and ``(u, v)``.
+    """
+    B, V, C = attr.shape
+    rows = rast_flat.index_select(0, covered)  # [P, 4]
+    f = rows[:, 3].detach().round().long() - 1
+    b = covered // pixels_per_image if B > 1 else torch.zeros_like(covered)
+    corner = (b[:, None] * V + tri.long().index_select(0, f)).reshape(-1)
+    a = attr.reshape(B * V, C).index_select(0, corner).reshape(-1, 3, C)
+    u, v = rows[:, 0:1], rows[:, 1:2]
+    return u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
+
+
 def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> torch.Tensor:
     """Interpolate vertex attributes ``[V, C]``, ``[1, V, C]`` or ``[B, V, C]`` -> ``[B, H, W, C]``
     (zeros on background). Differentiable w.r.t. ``attr`` and ``rast``'s ``(u, v)``."""
@@ -170,16 +197,11 @@ def interpolate(attr: torch.Tensor, rast: torch.Tensor, tri: torch.Tensor) -> to
     B, H, W, _ = rast.shape
     C = attr.shape[-1]
     flat = rast.reshape(-1, 4)
-    ids = flat[:, 3].detach().round().long()
-    cov = torch.nonzero(ids).squeeze(1)
+    cov = torch.nonzero(flat[:, 3].detach().round().long()).squeeze(1)
     out_dtype = torch.promote_types(attr.dtype, rast.dtype)
     out = torch.zeros(B * H * W, C, dtype=out_dtype, device=rast.device)
     if cov.numel() == 0:
         return out.reshape(B, H, W, C)
-    f = ids[cov] - 1
-    bi = cov // (H * W) if attr.shape[0] > 1 else torch.zeros_like(cov)
-    a = attr[bi[:, None], tri[f].long()]  # [P, 3, C]
-    u, v = flat[cov, 0:1], flat[cov, 1:2]
-    val = u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
+    val = interpolate_covered(attr, flat, cov, tri, H * W)
     out = out.index_put((cov,), val.to(out_dtype))
     return out.reshape(B, H, W, C)

@@ -15,6 +15,7 @@ from . import raster_nvdiffrast, raster_torch
 from .antialias import antialias as edge_antialias
 from .antialias import edge_topology
 from .cameras import Cameras
+from .raster_torch import interpolate_covered
 from .shading import clay, facing_camera, normal_colors, vertex_normals, vertex_normals_camera
 
 SHADINGS = ("clay", "normals", "silhouette")
@@ -41,29 +42,6 @@ def get_backend(name: str = "auto", device=None):
     else:
         mod = raster_torch
     return SimpleNamespace(name=name, rasterize=mod.rasterize, interpolate=mod.interpolate, antialias=edge_antialias)
-
-
-def interpolate_covered(attr: torch.Tensor, rast_flat: torch.Tensor, covered: torch.Tensor,
-                        tri: torch.Tensor, pixels_per_image: int) -> torch.Tensor:
-    """Per-view vertex attributes ``attr [B, V, C]`` interpolated at the covered pixels only.
-
-    Args:
-        rast_flat: ``rast.reshape(-1, 4)`` in the shared convention ``(u, v, z/w, triangle_id + 1)``.
-        covered: ``[P]`` flat indices (``(b * H + row) * W + col``) of pixels with ``triangle_id + 1 > 0``.
-        pixels_per_image: ``H * W``.
-
-    Returns:
-        ``[P, C]``: ``u * a[t0] + v * a[t1] + (1 - u - v) * a[t2]``, differentiable w.r.t. ``attr``
-        and ``(u, v)`` (the same values :func:`interpolate` gives at those pixels).
-    """
-    B, V, C = attr.shape
-    rows = rast_flat.index_select(0, covered)  # [P, 4]
-    f = rows[:, 3].detach().round().long() - 1
-    b = covered // pixels_per_image
-    corner = (b[:, None] * V + tri.long().index_select(0, f)).reshape(-1)
-    a = attr.reshape(B * V, C).index_select(0, corner).reshape(-1, 3, C)
-    u, v = rows[:, 0:1].to(attr.dtype), rows[:, 1:2].to(attr.dtype)
-    return u * a[:, 0] + v * a[:, 1] + (1.0 - u - v) * a[:, 2]
 
 
 def render_views(verts: torch.Tensor, faces: torch.Tensor, cams: Cameras, size: int = 448,
