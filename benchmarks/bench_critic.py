@@ -114,17 +114,18 @@ def main(argv=None):
                   f"| {peak / 2**20:10.1f} | {r:+.4f} |")
             sys.stdout.flush()
     if args._one is None:
-        shared_vision_table(args, device)
+        shared_vision_table(args, device, critic)
 
 
-def shared_vision_table(args, device):
+def shared_vision_table(args, device, base=None):
     """Three queries (dual + content + geometry, as ``vlm3d-guide eval`` scores them) with one shared
     vision-tower pass against one pass per query: reward + backward time, median, in one run."""
     torch.set_num_threads(1)
     from vlm3d_guidance.critic import VLMCritic
     from vlm3d_guidance.tiny.qwen import build_tiny_qwen
 
-    base = VLMCritic.from_pretrained(args.model or build_tiny_qwen("qwen2_5_vl"), device=device, dtype=args.dtype)
+    if base is None:  # the rows ran in subprocesses: load the model here once
+        base = VLMCritic.from_pretrained(args.model or build_tiny_qwen("qwen2_5_vl"), device=device, dtype=args.dtype)
     query = {"dual": 1.0, "content": 1.0, "geometry": 1.0}
     shared = VLMCritic(base.model, base.processor, query=query)
     separate = VLMCritic(base.model, base.processor, query=query)
