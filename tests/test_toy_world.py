@@ -1,0 +1,119 @@
+"""The toy world's objects, splits and the independent judge, on analytic and hand-made meshes."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from vlm3d_guidance.toy import hidden_handle_references, judge, references
+from vlm3d_guidance.toy.judge import inside_lattice
+from vlm3d_guidance.toy.references import Reference, object_mesh, split_object
+from vlm3d_guidance.toy.world import BREAK_MODES, CLASSES, Part, ToyObject, broken_variant, sample_object
+
+
+def _ref(parts):
+    obj = ToyObject("table", {}, tuple(parts), None, tuple(parts))
+    return Reference(image=None, prompt="x", mesh=None, name="hand", object=obj)
+
+
+def _box(center, half):
+    return Part("p", "box", dict(center=tuple(center), half=tuple(half)))
+
+
+def test_inside_lattice_matches_a_sphere():
+    sphere = trimesh.creation.icosphere(subdivisions=4, radius=0.7)
+    axis = np.linspace(-1.01, 1.01, 48)
+    inside = inside_lattice(sphere, axis)
+    pts = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1)
+    r = np.linalg.norm(pts, axis=-1)
+    # away from the faceted surface (icosphere chord error < 0.003) the parity test is exact
+    assert inside[r < 0.69].all() and not inside[r > 0.705].any()
+    assert abs(inside.sum() - (r < 0.7).sum()) <= 0.01 * (r < 0.7).sum()
+
+
+def test_judge_intact_box_and_analytic_iou():
+    mesh = trimesh.creation.box(extents=(1.0, 1.0, 1.0))
+    verdict = judge(mesh, _ref([_box((0, 0, 0), (0.5, 0.5, 0.5))]))
+    assert not verdict["failed"] and verdict["reason"] == "ok" and verdict["components"] == 1
+    assert verdict["iou"] > 0.97
+    shifted = judge(mesh, _ref([_box((0.25, 0, 0), (0.5, 0.5, 0.5))]))
+    assert shifted["iou"] == pytest.approx(0.75 / 1.25, abs=0.03)  # overlap 0.75, union 1.25
+
+
+def test_judge_floating_part():
+    body = trimesh.creation.box(extents=(1.0, 0.4, 1.0))
+    piece = trimesh.creation.box(extents=(0.2, 0.2, 0.2))
+    piece.apply_translation((0, 0.6, 0))  # 0.2 above the body: not touching
+    mesh = trimesh.util.concatenate([body, piece])
+    truth = [_box((0, 0, 0), (0.5, 0.2, 0.5)), Part("q", "box", dict(center=(0, 0.6, 0), half=(0.1, 0.1, 0.1)))]
+    verdict = judge(mesh, _ref(truth))
+    assert verdict["failed"] and verdict["reason"] == "floating part" and verdict["components"] == 2
+    assert verdict["floating_share"] == pytest.approx(0.24 / (0.24 + 3.6), rel=1e-9)  # areas 6 * 0.2^2 and 2 * 1.8
+    # a speck below 1 % of the area does not count as a floating part
+    speck = trimesh.creation.box(extents=(0.05, 0.05, 0.05))
+    speck.apply_translation((0, 0.6, 0))
+    assert not judge(trimesh.util.concatenate([body, speck]), _ref(truth[:1]))["failed"]
+
+
+def test_judge_missing_part():
+    mesh = trimesh.creation.box(extents=(1.0, 0.4, 1.0))
+    truth = [_box((0, 0, 0), (0.5, 0.2, 0.5)), Part("leg", "cylinder", dict(center=(0, -0.5, 0), radius=0.1,
+                                                                              half_height=0.3))]
+    verdict = judge(mesh, _ref(truth))
+    assert verdict["failed"] and verdict["reason"] == "missing leg"
+    assert verdict["coverage"]["leg"] < 0.2 and verdict["coverage"]["p"] > 0.95
+    assert judge(None, _ref(truth))["reason"] == "empty"
+
+
+@pytest.mark.parametrize("cls", [c for c in CLASSES if BREAK_MODES[c]])
+def test_every_break_mode_fails_and_intact_passes(cls):
+    rng = np.random.default_rng(7)
+    obj = sample_object(rng, cls)
+    ref = Reference(image=None, prompt=obj.description, mesh=None, name=cls, object=obj)
+    intact = judge(object_mesh(obj, 64), ref)
+    assert not intact["failed"] and intact["iou"] > 0.9, intact
+    for mode in BREAK_MODES[cls]:
+        broken = broken_variant(obj, np.random.default_rng(3), mode)
+        verdict = judge(object_mesh(broken, 64), ref)
+        assert verdict["failed"], (mode, verdict)
+        expect = "floating" if mode in ("leg detached", "handle floating", "shade floating") else "missing"
+        assert expect in verdict["reason"], (mode, verdict)
+
+
+def test_objects_fit_the_box_and_are_normalised():
+    for i in range(8):
+        obj = split_object("test", 0, i)
+        axis = torch.linspace(-1.01, 1.01, 41)
+        pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+        inside = pts[obj.sdf(pts) < 0]
+        assert inside.abs().max() < 0.9  # half-extent 0.8 plus one lattice step
+        for mode in BREAK_MODES[obj.cls]:
+            b = broken_variant(obj, np.random.default_rng(i), mode)
+            assert b.sdf(pts).reshape(41, 41, 41)[[0, -1]].min() > 0  # nothing touches the box walls
+
+
+def test_references_are_deterministic_and_splits_disjoint():
+    a = references("test", count=2, seed=5)
+    b = references("test", count=2, seed=5)
+    assert [r.name for r in a] == ["test-5-0-table", "test-5-1-mug"]
+    assert np.array_equal(np.asarray(a[1].image), np.asarray(b[1].image))
+    assert a[0].image.mode == "RGBA" and a[0].prompt == "a table with four legs"
+    alpha = np.asarray(a[0].image)[..., 3]
+    assert alpha.max() == 255 and alpha[0, 0] == 0  # the object is opaque, the background transparent
+    assert a[0].mesh.is_watertight
+    params = {split: split_object(split, 0, 4).params for split in ("generator", "critic", "test")}
+    assert len({tuple(sorted(p.items())) for p in params.values()}) == 3
+    with pytest.raises(ValueError, match="unknown split"):
+        references("train")
+    with pytest.raises(ValueError, match="count must be >= 1"):
+        references("test", count=0)
+
+
+def test_hidden_handle_points_away_from_the_reference_camera():
+    ref = hidden_handle_references(count=1)[0]
+    parts = {p.name: np.asarray(p.params["center"]) for p in ref.object.parts}
+    offset = parts["handle"] - parts["body"]
+    az = math.degrees(math.atan2(offset[0], offset[2]))
+    assert abs(((az - 30.0) % 360.0) - 180.0) < 1e-6

@@ -1,0 +1,427 @@
+"""Train the toy generator and critic from scratch: ``python -m vlm3d_guidance.toy.train``.
+
+Stages (each cached in ``--work``, so a later stage can be rerun alone with ``--from-stage``):
+
+1. ``autoencoder``: hy3dgen's ``ShapeVAE`` decoder with an encoder of our own (a small 3D CNN on the
+   shape's truncated SDF at 24^3; 2.0.2's ShapeVAE has none), trained on generator-split shapes
+   (intact and broken) to reproduce the field ``clamp(-sdf / 0.08, -1, 1)`` at surface-near and
+   uniform points. The encoder is not shipped: it only turns shapes into latents.
+2. ``latents``: every generator- and critic-split shape encoded; ``vae.scale_factor`` set so the
+   DiT's latents have unit variance (``decode(x / scale_factor)`` as hy3dgen does).
+3. ``generator``: ``Hunyuan3DDiT`` + the DINOv2 ``SingleImageEncoder`` trained by flow matching in
+   hy3dgen's convention (``z_s = s x + (1 - s) eps``, velocity ``x - eps``, the model sees ``s``),
+   conditioned on the INTACT object's reference image, while the target is a broken variant with
+   probability :data:`BROKEN_SHARE` for classes that have one: the toy counterpart of noisy 3D data.
+   10 % of conditions are dropped to zeros (hy3dgen's unconditional embedding) for CFG.
+4. ``critic_data``: critic-split shapes rendered exactly as the guided step renders (decode_surface
+   at the toy guidance grid, the orbit cameras, render_views at the toy size): intact shapes with
+   their description (Yes), broken ones (No), wrong descriptions (No; mug <-> cup are the hard
+   pairs), and renders of the generator's own clean-latent estimates at random sigma labelled by
+   the target they were noised from.
+5. ``critic``: transformers' ``Qwen2_5_VLForConditionalGeneration`` (small) trained with a logistic
+   loss on the package's reward ``r = z_yes - z_no`` of the default dual query, through
+   :class:`~vlm3d_guidance.critic.VLMCritic` itself (same prompt, same differentiable preprocessing).
+6. ``export``: the weights in the published layouts plus ``manifest.json`` (sha256 of every file,
+   command, seeds, data sizes, wall times).
+
+Runs on one CPU thread; the measured wall time is written to the manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import models
+from .references import BOX_V, object_mesh, render_reference, split_object
+from .world import BREAK_MODES, CLASSES, DESCRIPTIONS, broken_variant
+
+STAGES = ("autoencoder", "latents", "generator", "critic_data", "critic", "export")
+BROKEN_SHARE = 0.4  # of breakable classes' targets (3 of 4 classes): ~30 % of all targets
+ENCODER_GRID = 24
+SEED = 0
+
+# sizes of the default run (the shipped weights); --quick divides the work for a smoke test
+SIZES = dict(gen_objects=800, critic_objects=320, ae_steps=1500, ae_batch=16, ae_points=2048,
+             dit_steps=2000, dit_batch=48, critic_epochs=4, critic_lr=3e-4, critic_estimates=2)
+QUICK = dict(gen_objects=16, critic_objects=8, ae_steps=6, ae_batch=4, ae_points=256,
+             dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_estimates=1)
+
+
+# ------------------------------------------------------------------------------------ the encoder
+class ShapeEncoder(torch.nn.Module):
+    """Truncated SDF ``[B, 1, 24, 24, 24]`` -> latents ``[B, num_latents, embed_dim]`` (training only)."""
+
+    def __init__(self, num_latents: int, embed_dim: int):
+        super().__init__()
+        c = torch.nn
+        self.net = c.Sequential(
+            c.Conv3d(1, 16, 3, stride=2, padding=1), c.SiLU(),
+            c.Conv3d(16, 32, 3, stride=2, padding=1), c.SiLU(),
+            c.Conv3d(32, 64, 3, stride=2, padding=1), c.SiLU(),
+            c.Flatten(), c.Linear(64 * 27, 512), c.SiLU(), c.Linear(512, num_latents * embed_dim),
+        )
+        self.shape = (num_latents, embed_dim)
+
+    def forward(self, grid: torch.Tensor) -> torch.Tensor:
+        return self.net(grid).reshape(-1, *self.shape)
+
+
+def encoder_input(obj) -> torch.Tensor:
+    """``[1, 24, 24, 24]`` SDF of ``obj`` clipped to +-0.2 and scaled to +-1."""
+    axis = torch.linspace(-BOX_V, BOX_V, ENCODER_GRID)
+    pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    return (obj.sdf(pts).clamp(-0.2, 0.2) / 0.2).reshape(1, ENCODER_GRID, ENCODER_GRID, ENCODER_GRID)
+
+
+def field_samples(obj, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``count`` query points (half near the surface, half uniform in the box) and their target field."""
+    near = count // 2
+    cand = (torch.rand(near, 3, generator=gen) * 2 - 1) * BOX_V
+    cand.requires_grad_(True)
+    d = obj.sdf(cand)
+    (g,) = torch.autograd.grad(d.sum(), cand)
+    with torch.no_grad():
+        proj = cand - d[:, None] * torch.nn.functional.normalize(g, dim=-1)  # one step onto the surface
+        proj = proj + 0.03 * torch.randn(near, 3, generator=gen)
+        pts = torch.cat([proj.clamp(-BOX_V, BOX_V), (torch.rand(count - near, 3, generator=gen) * 2 - 1) * BOX_V])
+        return pts, obj.field(pts)
+
+
+# ------------------------------------------------------------------------------------ the shapes
+def generator_shapes(count: int, seed: int = SEED):
+    """``[(intact, broken or None)]`` of the generator split, objects 0..count-1."""
+    out = []
+    for i in range(count):
+        obj = split_object("generator", seed, i)
+        rng = np.random.default_rng([11, seed, i])
+        out.append((obj, broken_variant(obj, rng)))
+    return out
+
+
+def critic_shapes(count: int, seed: int = SEED):
+    out = []
+    for i in range(count):
+        obj = split_object("critic", seed, i)
+        rng = np.random.default_rng([12, seed, i])
+        out.append((obj, broken_variant(obj, rng)))
+    return out
+
+
+# ------------------------------------------------------------------------------------ stages
+def train_autoencoder(shapes, sizes, log):
+    """Stage 1: (encoder, vae) fitted to the shapes' fields."""
+    config = models.generator_config()
+    torch.manual_seed(SEED)
+    _, vae, _, _ = models.instantiate_generator(config)
+    encoder = ShapeEncoder(models.VAE["num_latents"], models.VAE["embed_dim"])
+    pool = [s for pair in shapes for s in pair if s is not None]
+    grids = torch.stack([encoder_input(s) for s in pool])
+    params = list(encoder.parameters()) + list(vae.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=sizes["ae_steps"], pct_start=0.05)
+    gen = torch.Generator().manual_seed(SEED)
+    vae.train()
+    start = time.perf_counter()
+    for step in range(sizes["ae_steps"]):
+        idx = torch.randint(len(pool), (sizes["ae_batch"],), generator=gen)
+        samples = [field_samples(pool[i], sizes["ae_points"], gen) for i in idx.tolist()]
+        pts = torch.stack([p for p, _ in samples])
+        target = torch.stack([f for _, f in samples])
+        mu = encoder(grids[idx])
+        z = mu + 0.05 * torch.randn(mu.shape, generator=gen)  # latent noise: a smoother latent space
+        field = vae.geo_decoder(queries=pts, latents=vae(z)).squeeze(-1)
+        loss = (field - target).abs().mean() + 1e-3 * mu.pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == sizes["ae_steps"] - 1:
+            log(f"autoencoder step {step}: L1 {float(loss):.4f} ({time.perf_counter() - start:.0f} s)")
+    vae.eval()
+    return encoder.eval(), vae
+
+
+@torch.no_grad()
+def encode_all(encoder, shapes) -> dict:
+    """Stage 2: latents ``[N, L, C]`` of intact and broken shapes (broken NaN where a class has none)."""
+    intact = torch.cat([encoder(encoder_input(a)[None]) for a, _ in shapes])
+    broken = torch.cat([encoder(encoder_input(b)[None]) if b is not None else torch.full_like(intact[:1], math.nan)
+                        for _, b in shapes])
+    return dict(intact=intact, broken=broken)
+
+
+def prepare_references(shapes, image_processor) -> dict:
+    """The conditioner's inputs for each intact object, made by hy3dgen's own ImageProcessorV2."""
+    images, masks = [], []
+    for obj, _ in shapes:
+        out = image_processor(render_reference(obj))
+        images.append(out["image"])
+        masks.append(out["mask"])
+    return dict(image=torch.cat(images), mask=torch.cat(masks))
+
+
+def train_generator(latents, refs, scale_factor, sizes, log):
+    """Stage 3: (dit, conditioner) trained by flow matching on the broken-noisy pairs."""
+    config = models.generator_config(scale_factor)
+    torch.manual_seed(SEED + 1)
+    dit, _, conditioner, _ = models.instantiate_generator(config)
+    conditioner.requires_grad_(True)
+    conditioner.train()
+    dit.train()
+    x_intact = latents["intact"] * scale_factor
+    x_broken = latents["broken"] * scale_factor
+    has_broken = torch.isfinite(x_broken).flatten(1).all(1)
+    n = x_intact.shape[0]
+    groups = [{"params": list(dit.parameters()), "lr": 4e-4}, {"params": list(conditioner.parameters()), "lr": 2e-4}]
+    opt = torch.optim.AdamW(groups, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[4e-4, 2e-4], total_steps=sizes["dit_steps"], pct_start=0.05)
+    gen = torch.Generator().manual_seed(SEED + 2)
+    start = time.perf_counter()
+    for step in range(sizes["dit_steps"]):
+        idx = torch.randint(n, (sizes["dit_batch"],), generator=gen)
+        use_broken = has_broken[idx] & (torch.rand(len(idx), generator=gen) < BROKEN_SHARE)
+        x = torch.where(use_broken[:, None, None], torch.nan_to_num(x_broken[idx]), x_intact[idx])
+        eps = torch.randn(x.shape, generator=gen)
+        # sigma: uniform mixed with a logit-normal bump at mid-range (where structure is decided)
+        u = torch.rand(len(idx), generator=gen)
+        s = torch.where(torch.rand(len(idx), generator=gen) < 0.5, u, torch.sigmoid(torch.randn(len(idx), generator=gen)))
+        z = s[:, None, None] * x + (1 - s[:, None, None]) * eps
+        cond = conditioner(image=refs["image"][idx], mask=refs["mask"][idx])["main"]
+        drop = torch.rand(len(idx), generator=gen) < 0.1
+        cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
+        v = dit(z, s, {"main": cond})
+        loss = (v - (x - eps)).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(dit.parameters()) + list(conditioner.parameters()), 1.0)
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == sizes["dit_steps"] - 1:
+            log(f"generator step {step}: MSE {float(loss):.4f} ({time.perf_counter() - start:.0f} s)")
+    dit.eval()
+    conditioner.eval()
+    conditioner.requires_grad_(False)
+    return dit, conditioner
+
+
+def _label_description(obj_cls: str, geometry_class: str | None, rng: np.random.Generator) -> list:
+    """``[(description, label)]`` for one rendered shape: its own class's description, and one other."""
+    own = DESCRIPTIONS[obj_cls]
+    out = [(own, float(geometry_class == obj_cls))]
+    if geometry_class is not None:
+        hard = {"mug": "cup", "cup": "mug"}.get(geometry_class)
+        others = [c for c in CLASSES if c != geometry_class]
+        other = hard if hard is not None and rng.random() < 0.6 else others[int(rng.integers(len(others)))]
+        if other != obj_cls:
+            out.append((DESCRIPTIONS[other], 0.0))
+        elif geometry_class != obj_cls:  # a handle-less mug described as a cup: a match
+            out.append((DESCRIPTIONS[geometry_class], 1.0))
+    return out
+
+
+def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, guidance, sizes, log):
+    """Stage 4: ``[(images uint8 [N, 3, H, W], description, label, kind)]`` rendered as the guided step does."""
+    from .render_latent import latent_views
+
+    refs = prepare_references(shapes, image_processor)
+    rng = np.random.default_rng(SEED + 3)
+    gen = torch.Generator().manual_seed(SEED + 3)
+    scale = vae.scale_factor
+    data = []
+    start = time.perf_counter()
+    for i, (obj, broken) in enumerate(shapes):
+        items = [(latents["intact"][i:i + 1] * scale, obj.cls, obj.geometry_class, "final")]
+        if broken is not None:
+            items.append((latents["broken"][i:i + 1] * scale, obj.cls, broken.geometry_class, "final"))
+        for _ in range(sizes["critic_estimates"]):
+            target_broken = broken is not None and rng.random() < 0.5
+            x1 = (latents["broken"] if target_broken else latents["intact"])[i:i + 1] * scale
+            s = float(rng.uniform(0.15, 0.95))
+            eps = torch.randn(x1.shape, generator=gen)
+            z = s * x1 + (1 - s) * eps
+            with torch.no_grad():
+                cond = conditioner(image=refs["image"][i:i + 1], mask=refs["mask"][i:i + 1])["main"]
+                both = dit(torch.cat([z, z]), torch.tensor([s, s]), {"main": torch.cat([cond, torch.zeros_like(cond)])})
+                vc, vu = both.chunk(2)
+                v = vu + 5.0 * (vc - vu)
+            x0 = z + (1 - s) * v
+            geometry = broken.geometry_class if target_broken else obj.geometry_class
+            items.append((x0, obj.cls, geometry, f"estimate@{s:.2f}"))
+        for x, cls, geometry, kind in items:
+            images = latent_views(vae, x, guidance)
+            if images is None:
+                continue
+            u8 = images.mul(255).round().to(torch.uint8)
+            for desc, label in _label_description(cls, geometry, rng):
+                data.append((u8, desc, label, kind))
+        if i % 20 == 0:
+            log(f"critic data: object {i}/{len(shapes)}, {len(data)} samples ({time.perf_counter() - start:.0f} s)")
+    return data
+
+
+def train_critic(data, sizes, log, folder: Path):
+    """Stage 5: the toy critic (saved to ``folder``) trained on its reward's logistic loss."""
+    from ..critic import VLMCritic
+
+    model = models.new_critic_model(seed=SEED + 4)
+    models.write_critic_files(folder)
+    critic = VLMCritic(model, models.critic_processor(folder))
+    model.requires_grad_(True)
+    model.train()  # Qwen2.5-VL has no dropout: train mode changes nothing but the flag
+    rng = np.random.default_rng(SEED + 5)
+    order = rng.permutation(len(data))
+    held = set(order[: max(1, len(data) // 10)].tolist())
+    train_idx = [i for i in order if i not in held]
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sizes["critic_lr"], weight_decay=0.01)
+    total = sizes["critic_epochs"] * len(train_idx)
+    batch = 8
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sizes["critic_lr"], total_steps=max(1, total // batch + 1),
+                                                pct_start=0.05)
+    start = time.perf_counter()
+    seen = 0
+    for epoch in range(sizes["critic_epochs"]):
+        rng.shuffle(train_idx)
+        running = []
+        for b0 in range(0, len(train_idx), batch):
+            opt.zero_grad(set_to_none=True)
+            chunk = train_idx[b0:b0 + batch]
+            for i in chunk:
+                images, desc, label, _ = data[i]
+                r = critic.reward(images.float() / 255, desc)
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(r, torch.tensor(label)) / len(chunk)
+                loss.backward()
+                running.append(float(loss) * len(chunk))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            seen += len(chunk)
+        acc = critic_accuracy(critic, data, sorted(held))
+        log(f"critic epoch {epoch}: loss {np.mean(running):.4f}, held-out accuracy {acc['all']:.3f} "
+            f"(final {acc['final']:.3f}, estimates {acc['estimate']:.3f}) ({time.perf_counter() - start:.0f} s)")
+    model.requires_grad_(False)
+    model.eval()
+    return model, critic_accuracy(critic, data, sorted(held))
+
+
+@torch.no_grad()
+def critic_accuracy(critic, data, indices) -> dict:
+    hits = {"all": [], "final": [], "estimate": []}
+    for i in indices:
+        images, desc, label, kind = data[i]
+        r = float(critic.reward(images.float() / 255, desc))
+        ok = (r > 0) == (label > 0.5)
+        hits["all"].append(ok)
+        hits["final" if kind == "final" else "estimate"].append(ok)
+    return {k: float(np.mean(v)) if v else math.nan for k, v in hits.items()}
+
+
+# ------------------------------------------------------------------------------------ driver
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vlm3d_guidance.toy.train", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default=str(models.WEIGHTS_DIR), help="where the weights go (default: the package's)")
+    parser.add_argument("--work", default=None, help="stage cache folder (default: <out>/../toy_work)")
+    parser.add_argument("--from-stage", choices=STAGES, default=STAGES[0], help="rerun from this stage on")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole script")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    sizes = QUICK if args.quick else SIZES
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out.parent / "toy_work"
+    work.mkdir(parents=True, exist_ok=True)
+    first = STAGES.index(args.from_stage)
+    times = json.loads((work / "times.json").read_text()) if (work / "times.json").exists() and first > 0 else {}
+    log_file = open(work / "train.log", "a")
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    def run(stage, fn):
+        path = work / f"{stage}.pt"
+        if STAGES.index(stage) < first and path.exists():
+            return torch.load(path, weights_only=False)
+        t = time.perf_counter()
+        value = fn()
+        torch.save(value, path)
+        times[stage] = time.perf_counter() - t
+        (work / "times.json").write_text(json.dumps(times, indent=2))
+        log(f"stage {stage} done in {times[stage]:.0f} s")
+        return value
+
+    from .config import TOY_GUIDANCE
+
+    log(f"toy training: sizes {sizes}")
+    gen_shapes = generator_shapes(sizes["gen_objects"])
+    crit_shapes = critic_shapes(sizes["critic_objects"])
+    encoder, vae = run("autoencoder", lambda: train_autoencoder(gen_shapes, sizes, log))
+
+    def _latents():
+        lat = dict(generator=encode_all(encoder, gen_shapes), critic=encode_all(encoder, crit_shapes))
+        std = float(lat["generator"]["intact"].std())
+        lat["scale_factor"] = 1.0 / std
+        return lat
+
+    latents = run("latents", _latents)
+    scale = latents["scale_factor"]
+    vae.scale_factor = scale
+    config = models.generator_config(scale)
+    _, _, _, image_processor = models.instantiate_generator(config)
+    dit, conditioner = run("generator", lambda: train_generator(
+        latents["generator"], prepare_references(gen_shapes, image_processor), scale, sizes, log))
+    data = run("critic_data", lambda: make_critic_data(crit_shapes, latents["critic"], dit, conditioner, vae,
+                                                       image_processor, TOY_GUIDANCE, sizes, log))
+    critic_tmp = work / "critic"
+    critic_model, accuracy = run("critic", lambda: train_critic(data, sizes, log, critic_tmp))
+
+    def _export():
+        staging = out.with_name(out.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        models.save_generator(models.generator_folder(staging), config, dit, vae, conditioner)
+        models.save_critic(staging / models.CRITIC_FOLDER, critic_model)
+        files = sorted(p for p in staging.rglob("*") if p.is_file())
+        n_yes = sum(1 for d in data if d[2] > 0.5)
+        manifest = dict(
+            files={str(p.relative_to(staging)): models.sha256(p) for p in files},
+            command="python -m vlm3d_guidance.toy.train" + (" --quick" if args.quick else ""),
+            seeds=dict(base=SEED, splits="generator=1, critic=2, test=3 (numpy streams [split, seed, index])"),
+            data=dict(generator_objects=sizes["gen_objects"], critic_objects=sizes["critic_objects"],
+                      broken_share_of_breakable_targets=BROKEN_SHARE,
+                      breakable_classes=[c for c in CLASSES if BREAK_MODES[c]],
+                      critic_samples=len(data), critic_yes=n_yes, critic_no=len(data) - n_yes),
+            sizes=sizes, scale_factor=scale, critic_held_out_accuracy=accuracy,
+            wall_seconds={k: round(v, 1) for k, v in times.items()},
+            total_wall_seconds=round(sum(times.values()), 1),
+            machine=dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
+                         processor=platform.machine()),
+            total_bytes=sum(p.stat().st_size for p in files),
+        )
+        (staging / models.MANIFEST).write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        staging.rename(out)
+        return manifest
+
+    manifest = run("export", _export)
+    log(f"done: {manifest['total_bytes'] / 1e6:.1f} MB in {out}; total {manifest['total_wall_seconds']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    # run the module under its import name, so the cached stages pickle ``vlm3d_guidance.toy.train``
+    # classes (not ``__main__``'s) and can be reloaded from anywhere
+    from vlm3d_guidance.toy import train as _train
+
+    sys.exit(_train.main())
