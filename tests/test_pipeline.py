@@ -285,7 +285,7 @@ def test_prompt_none_uses_the_critics_description(hunyuan_root, critic):
     (dict(normalize="l2"), "normalize must be one of 'none', 'rms'"),
     (dict(clip=0.0), "clip must be > 0"),
     (dict(start=0.8, end=0.2), "start < end"),
-    (dict(every=0), "every must be an integer"),
+    (dict(every=0), "every must be a positive integer"),
     (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
     (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
     (dict(callback=lambda *a: None, callback_steps=0), "callback_steps must be a positive integer"),

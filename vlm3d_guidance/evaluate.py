@@ -551,7 +551,7 @@ def find_mesh(folder: str | os.PathLike, stem: str) -> Path | None:
     return None
 
 
-def _fmt(value: Any) -> str:
+def _cell(value: Any) -> str:
     """One Markdown table cell."""
     if value is None:
         return "–"
@@ -565,7 +565,7 @@ def _fmt(value: Any) -> str:
             return "0"
         return f"{v:.4g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.3e}"
     if isinstance(value, (list, tuple)):
-        return "(" + ", ".join(_fmt(v) for v in value) + ")"
+        return "(" + ", ".join(_cell(v) for v in value) + ")"
     return str(value).replace("|", "\\|")
 
 
@@ -582,7 +582,7 @@ def _fmt_change(value: Any) -> str:
         if v == 0.0:
             return "0"
         return f"{v:+.4g}" if 1e-3 <= abs(v) < 1e5 else f"{v:+.3e}"
-    return _fmt(value)
+    return _cell(value)
 
 
 def _change(a: Any, b: Any) -> Any:
@@ -628,8 +628,8 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"CLIP model: `{report['clip']['model']}`", ""]
     lines += ["| metric | baseline | guided | change |", "|---|---|---|---|"]
     for name, a, b, d in _table_rows(report):
-        change = _fmt(d) if name.startswith("chamfer") else _fmt_change(d)  # a distance, not a change
-        lines.append(f"| {name} | {_fmt(a)} | {_fmt(b)} | {change} |")
+        change = _cell(d) if name.startswith("chamfer") else _fmt_change(d)  # a distance, not a change
+        lines.append(f"| {name} | {_cell(a)} | {_cell(b)} | {change} |")
     lines.append("")
     lines.append(
         "Geometry is measured on the raw meshes (no floater removal) after merging coincident "

@@ -18,7 +18,6 @@ Conventions (hy3dgen's): sigma runs from 0 (noise) to 1 (data); the DiT predicts
 from __future__ import annotations
 
 import contextlib
-import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import GuidanceConfig
+from .config import GuidanceConfig, _positive_int
 from .guidance.step import StepRecord, normalized_update, reward_and_gradient, timed
 
 _STOCK_DEFAULTS = dict(
@@ -160,7 +159,7 @@ class GuidedHunyuanPipeline:
         num_inference_steps = _positive_int("num_inference_steps", num_inference_steps)
         if callback is not None and not callable(callback):
             raise ValueError(f"callback must be callable as callback(step, t, outputs) (got {callback!r})")
-        callback_steps = 1 if callback_steps is None else _positive_int("callback_steps", callback_steps, " or None")
+        callback_steps = 1 if callback_steps is None else _positive_int("callback_steps", callback_steps, alternatives=" or None")
         pipe = self.pipeline
         if image is None:
             raise ValueError("image is required: a path, a PIL image, a list of them, or a dict of views")
@@ -381,13 +380,6 @@ def _clone_tree(tree):
     if isinstance(tree, dict):
         return {k: _clone_tree(v) for k, v in tree.items()}
     return tree
-
-
-def _positive_int(name: str, value, alternatives: str = "") -> int:
-    """``value`` as an int, or a ValueError naming ``name`` (any integral type; not bool, not < 1)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{alternatives} (got {value!r})")
-    return int(value)
 
 
 def _patch_forward(module, wrap) -> None:

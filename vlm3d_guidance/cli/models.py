@@ -18,15 +18,10 @@ def _local_path(name: str) -> str:
 
 
 def _offline() -> bool:
-    try:
-        from huggingface_hub import constants
+    """huggingface_hub's offline mode (``HF_HUB_OFFLINE`` or ``TRANSFORMERS_OFFLINE`` set true)."""
+    from huggingface_hub import constants
 
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:  # pragma: no cover
-        pass
-    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or \
-        os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    return bool(constants.HF_HUB_OFFLINE)
 
 
 def _hub_files(repo_id: str, what: str) -> list:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..config import BACKENDS, GRADIENT_MODES, SCHEDULES, SHADINGS
+from ..outputs import MESH_FORMATS
 from .commands import SUBCOMMANDS
 from .common import PROG, _Parser
 from .settings import DEFAULTS, TINY_DEFAULTS
@@ -48,12 +50,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("guidance")
     g.add_argument("--lam", type=float, metavar="L",
                    help=f"guidance strength lambda; 0 = unguided ({dflt('lam')})")
-    g.add_argument("--schedule", choices=("constant", "linear", "cosine"),
+    g.add_argument("--schedule", choices=SCHEDULES,
                    help=f"how lambda varies over the guided window ({dflt('schedule')})")
     g.add_argument("--start", type=float, metavar="F", help=f"guided window start, fraction of steps ({dflt('start')})")
     g.add_argument("--end", type=float, metavar="F", help=f"guided window end, fraction of steps ({dflt('end')})")
     g.add_argument("--every", type=int, metavar="K", help=f"guide every K-th step in the window ({dflt('every')})")
-    g.add_argument("--gradient", choices=("x0", "full"),
+    g.add_argument("--gradient", choices=GRADIENT_MODES,
                    help=f"x0: gradient w.r.t. the clean-latent estimate (cheap); full: through the DiT "
                         f"(~2-3x memory and time) ({dflt('gradient')})")
     g.add_argument("--dit-checkpointing", dest="dit_checkpointing", action=argparse.BooleanOptionalAction,
@@ -68,8 +70,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--fov", type=float, metavar="DEG", help=f"camera field of view ({dflt('fov')})")
     g.add_argument("--render-size", dest="render_size", type=int, metavar="PX",
                    help=f"view size; multiples of 28 are exact for Qwen-VL ({dflt('render_size')})")
-    g.add_argument("--shading", choices=("clay", "normals", "silhouette"), help=f"view shading ({dflt('shading')})")
-    g.add_argument("--backend", choices=("auto", "torch", "nvdiffrast"),
+    g.add_argument("--shading", choices=SHADINGS, help=f"view shading ({dflt('shading')})")
+    g.add_argument("--backend", choices=BACKENDS,
                    help=f"rasterizer; auto = nvdiffrast on CUDA when installed ({dflt('backend')})")
     g.add_argument("--grid-resolution", dest="grid_resolution", type=int, metavar="N",
                    help=f"field grid used for guidance at every step ({dflt('grid_resolution')})")
@@ -89,7 +91,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                    help="critic dtype (default auto: bfloat16 on CUDA, float32 on CPU)")
 
     g = parser.add_argument_group("output")
-    g.add_argument("--format", choices=("glb", "obj", "ply", "stl"), help=f"mesh format ({dflt('format')})")
+    g.add_argument("--format", choices=MESH_FORMATS, help=f"mesh format ({dflt('format')})")
     g.add_argument("--compare", action=argparse.BooleanOptionalAction, default=None,
                    help="also sample the unguided baseline with the same seed (baseline.<fmt>, two rows in views.png)")
     g.add_argument("--sheet-size", dest="sheet_size", type=int, metavar="PX",

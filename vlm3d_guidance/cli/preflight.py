@@ -6,6 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from ..outputs import MESH_FORMATS
 from .common import PROG, UsageError
 from .settings import DTYPES
 
@@ -104,7 +105,7 @@ def existing_outputs(folder: Path) -> list:
     """Files of an earlier run (or eval) in ``folder``."""
     if not folder.is_dir():
         return []
-    names = [f"{stem}.{ext}" for stem in OUTPUT_STEMS for ext in ("glb", "obj", "ply", "stl")]
+    names = [f"{stem}.{ext}" for stem in OUTPUT_STEMS for ext in MESH_FORMATS]
     return [folder / n for n in (*names, *OUTPUT_FILES, *REPORT_FILES) if (folder / n).exists()]
 
 

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+from ..outputs import MESH_FORMATS
 from .common import PROG, UsageError
 
 # Every setting a run is made of (the keys of config.json's "settings"), with its default.
@@ -143,7 +144,7 @@ def check_settings(s: dict) -> None:
     need_finite("mc_level")
     if s["guidance_scale"] < 0:
         raise UsageError(f"--cfg must be >= 0 (got {s['guidance_scale']}); 5.0 is Hunyuan3D's default")
-    if s["format"] not in ("glb", "obj", "ply", "stl"):
+    if s["format"] not in MESH_FORMATS:
         raise UsageError(f"--format must be glb, obj, ply or stl (got {s['format']!r}); glb is the default")
     if s["critic_query"] not in ("dual", "content", "geometry"):
         raise UsageError(f"--critic-query must be dual, content or geometry (got {s['critic_query']!r})")

@@ -7,6 +7,8 @@ import datetime
 import json
 from pathlib import Path
 
+from filelock import FileLock
+
 from .. import __version__
 from .common import PROG, _fmt, _short
 
@@ -27,55 +29,40 @@ def _job_state(folder: Path) -> dict:
     return dict(status="pending", error=None)
 
 
-def _table(rows: list, compare: bool) -> str:
+def _summary_cells(rows: list, compare: bool, note) -> tuple[list, list]:
+    """The header and one row of cells (strings) per job; ``note(text)`` fits the prompt / error cell."""
     head = ["job", "status", "reward"] + (["baseline"] if compare else []) + ["seconds", "prompt / error"]
     body = []
     for r in rows:
-        note = r.get("error") or r.get("prompt") or ""
         cells = [r["name"], r["status"], _fmt(r.get("reward"))]
         if compare:
             cells.append(_fmt(r.get("baseline_reward")))
-        cells += ["" if r.get("seconds") is None else f"{r['seconds']:.1f}", _short(note, 60)]
-        body.append(cells)
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+        cells += ["" if r.get("seconds") is None else f"{r['seconds']:.1f}",
+                  note(r.get("error") or r.get("prompt") or "")]
+        body.append([str(c) for c in cells])
+    return head, body
+
+
+def _table(rows: list, compare: bool) -> str:
+    """The summary as aligned columns for the terminal (long prompts shortened)."""
+    head, body = _summary_cells(rows, compare, lambda text: _short(text, 60))
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+    fmt = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(c) for c in body])
 
 
 def _markdown_table(rows: list, compare: bool) -> str:
-    head = ["job", "status", "reward"] + (["baseline"] if compare else []) + ["seconds", "prompt / error"]
+    """The summary as a Markdown table (prompts in full, ``|`` escaped)."""
+    head, body = _summary_cells(rows, compare, lambda text: text.replace("|", "\\|"))
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        note = (r.get("error") or r.get("prompt") or "").replace("|", "\\|")
-        cells = [r["name"], r["status"], _fmt(r.get("reward"))]
-        if compare:
-            cells.append(_fmt(r.get("baseline_reward")))
-        cells += ["" if r.get("seconds") is None else f"{r['seconds']:.1f}", note]
-        lines.append("| " + " | ".join(map(str, cells)) + " |")
-    return "\n".join(lines) + "\n"
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    """An exclusive lock on ``path`` (POSIX flock; no-op elsewhere) so summary rewrites do not race."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover
-        yield
-        return
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+    return "\n".join(lines + ["| " + " | ".join(cells) + " |" for cells in body]) + "\n"
 
 
 def write_summary(out: Path, jobs: list, s: dict) -> dict:
     """OUT/summary.json + summary.md from what is on disk for every job (all ranks)."""
     from .. import outputs
 
-    with _locked(out / ".summary.lock"):
+    with FileLock(out / ".summary.lock"):  # ranks of a sharded batch rewrite the summary in turn
         rows = []
         for job in jobs:
             rows.append(dict(name=job.name, image=str(job.image), **{"prompt": job.prompt, "seed": job.seed,
