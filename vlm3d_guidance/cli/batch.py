@@ -16,7 +16,7 @@ from .common import PROG, JobError, UsageError, _Parser, _say, _silence_progress
 from .models import check_models
 from .options import _add_run_options
 from .preflight import IMAGE_EXTENSIONS, check_backend, check_image, check_prompt, existing_outputs, \
-    resolve_devices
+    prompt_checker, resolve_devices
 from .run import load_pipeline, run_job
 from .settings import TINY_NOTICE, check_settings, read_config_file, resolve_settings
 from .summary import _job_state, _table, write_summary
@@ -158,6 +158,13 @@ def run_batch(argv: list) -> int:
     todo = [job for job in mine if args.overwrite or not (out / job.name / "config.json").is_file()]
     runnable = [job for job in todo if job.problem is None]
     sources = check_models(s) if runnable else {}
+    fits = prompt_checker(s)
+    for job in runnable:  # a prompt too long for the critic fails its job, before any model loads
+        try:
+            fits(job.prompt)
+        except UsageError as exc:
+            job.problem = str(exc)
+    runnable = [job for job in todo if job.problem is None]
 
     if s["tiny"] and not quiet:  # --quiet: the notice is in config.json
         print(TINY_NOTICE, file=sys.stderr, flush=True)

@@ -47,6 +47,39 @@ def check_prompt(prompt) -> None:
                          "to let the critic describe the image")
 
 
+def prompt_checker(s: dict):
+    """``check(prompt)``: a UsageError when the critic's queries with ``prompt`` would not fit its context.
+
+    Counts with the critic's tokenizer alone (its config and processor are read once, on the first
+    prompt; no weights), so a description of 25k tokens is refused before any model loads. With
+    ``--lam 0`` the critic never sees the views during sampling and every prompt passes.
+    """
+    state = {}
+
+    def check(prompt) -> None:
+        if prompt is None or s["lam"] == 0:
+            return
+        from ..critic.prompt import prompt_length
+
+        if not state:
+            from transformers import AutoConfig, AutoProcessor
+
+            if s["tiny"]:
+                from ..tiny import build_tiny_qwen
+
+                path = build_tiny_qwen("qwen2_5_vl")
+            else:
+                path = s["critic"]
+            state.update(config=AutoConfig.from_pretrained(path), processor=AutoProcessor.from_pretrained(path))
+        try:
+            prompt_length(state["processor"], state["config"], prompt, s["critic_query"], s["views"],
+                          s["render_size"])
+        except ValueError as exc:
+            raise UsageError(f"--prompt: {exc}") from None
+
+    return check
+
+
 def resolve_devices(s: dict, env=os.environ) -> dict:
     """Concrete devices and dtypes (imports torch, loads nothing)."""
     import torch

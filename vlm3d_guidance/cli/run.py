@@ -14,7 +14,7 @@ from .common import PROG, JobError, _fmt, _RunFailed, _say, _short, _silence_pro
 from .models import _local_path, _looks_local, check_models
 from .options import build_parser
 from .preflight import REPORT_FILES, check_backend, check_image, check_output, check_prompt, existing_outputs, \
-    resolve_devices
+    prompt_checker, resolve_devices
 from .settings import TINY_NOTICE, check_settings, guidance_config, read_config_file, resolve_settings
 
 DEMO_IMAGE = "builtin:demo"
@@ -213,6 +213,7 @@ def run_single(argv: list) -> int:
     devices = resolve_devices(s)
     check_backend(s, devices)
     sources = check_models(s)
+    prompt_checker(s)(prompt)
 
     if s["tiny"] and not quiet:  # --quiet: the notice is in config.json
         print(TINY_NOTICE, file=sys.stderr, flush=True)

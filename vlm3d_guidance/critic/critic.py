@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .prompt import check_length, context_length, query_ids
 from .templates import DESCRIBE_PROMPT, QuerySpec, resolve_query
 from .vision import VisionSpec, grid_hw, image_inputs
 
@@ -139,8 +140,7 @@ class VLMCritic:
             raise ValueError(
                 f"tokenizer's <|image_pad|> id {pad} differs from the model's image_token_id {self.image_token_id}"
             )
-        text_cfg = getattr(cfg, "text_config", cfg)
-        self.max_length = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+        self.max_length = context_length(cfg)
         self.yes_id = self._single_token_id("Yes")
         self.no_id = self._single_token_id("No")
         self._prompt_cache: OrderedDict = OrderedDict()
@@ -230,23 +230,9 @@ class VLMCritic:
             self.cache_hits += 1
             return hit
         self.cache_misses += 1
-        messages = [{"role": "user", "content": [{"type": "image"}] * n_views + [{"type": "text", "text": text}]}]
-        rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-        n_found = sum(1 for i in ids if i == self.image_token_id)
-        if n_found != n_views:
-            raise ValueError(
-                f"the chat template rendered {n_found} image placeholders for {n_views} views"
-            )
         per_image = grid[0] * grid[1] // (self.vision.merge_size ** 2)
-        expanded = []
-        for i in ids:
-            expanded.extend([i] * per_image if i == self.image_token_id else [i])
-        if self.max_length is not None and len(expanded) > self.max_length:
-            raise ValueError(
-                f"the prompt is {len(expanded)} tokens ({n_views} views x {per_image} image tokens + text), "
-                f"longer than the model's context of {self.max_length}; use fewer or smaller views or a shorter description"
-            )
+        expanded = query_ids(self.processor, self.image_token_id, text, n_views, per_image)
+        check_length(len(expanded), self.max_length, n_views, per_image)
         input_ids = torch.tensor([expanded], dtype=torch.long, device=self.device)
         mm = torch.zeros_like(input_ids)
         mm[input_ids == self.image_token_id] = 1
@@ -256,6 +242,16 @@ class VLMCritic:
         if len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return value
+
+    def check_prompt(self, prompt: str, num_views: int, size: int) -> int:
+        """Refuse, before any model runs, a description whose queries would not fit the model's context.
+
+        Counts the tokens of every query for ``num_views`` square views of ``size`` px (what
+        :meth:`reward` will be given during guidance) and raises the ValueError :meth:`reward` would;
+        returns the longest query's token count. Tokenizer only: no model call.
+        """
+        grid = grid_hw(size, size, self.vision)
+        return max(int(self._prompt(q.fill(prompt), num_views, grid)[0].shape[1]) for q in self.queries)
 
     # ------------------------------------------------------------------ model call
     @contextlib.contextmanager
