@@ -28,7 +28,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
                         "e.g. openai/clip-vit-large-patch14")
     parser.add_argument("--prompt", metavar="TEXT", help="description (default: config.json's prompt)")
     parser.add_argument("--device", metavar="DEV", help="device for the critic and CLIP (default: cuda when available)")
-    parser.add_argument("--views", type=int, default=4, metavar="N", help="clay views rendered (default 4)")
+    parser.add_argument("--views", type=int, metavar="N", help="clay views rendered (default: the run's, "
+                        "from config.json; 4 without one)")
     parser.add_argument("--size", type=int, default=224, metavar="PX", help="view size (default 224)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report")
     parser.add_argument("--quiet", action="store_true", help="do not print the report")
@@ -50,7 +51,7 @@ def run_eval(argv: list) -> int:
         raise UsageError(f"{folder / 'report.json'} already exists; pass --overwrite to replace the report")
     if args.tiny and args.critic:
         raise UsageError("--tiny scores with the tiny critic, but --critic was given; drop one of them")
-    if args.views < 1 or args.size < 28:
+    if (args.views is not None and args.views < 1) or args.size < 28:
         raise UsageError(f"--views must be >= 1 and --size >= 28 (got {args.views}, {args.size})")
     config = {}
     with contextlib.suppress(Exception):
