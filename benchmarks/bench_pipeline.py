@@ -103,8 +103,8 @@ def main(argv=None) -> int:
         if any(values):
             med = statistics.median(values)
             print(f"| {stage} | {med:.4f} | {100 * med / guided_step:.0f} % |")
-    print(f"\nguided steps: {len(guided)}/{steps}; rewards {out.rewards()[0]:+.4f} -> "
-          f"{[x for x in out.rewards() if x is not None][-1]:+.4f}")
+    print(f"\nguided steps: {len(guided)}/{steps}; rewards {out.rewards(0)[0]:+.4f} -> "
+          f"{[x for x in out.rewards(0) if x is not None][-1]:+.4f}")
 
     # 3. "full" mode step (gradient through the DiT), for the ratio.
     full = pipe(image=image, prompt=prompt, generator=torch.manual_seed(0), output_type="latent",

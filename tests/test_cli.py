@@ -366,6 +366,8 @@ MISTAKES = {
     "no image": (lambda t, r: ["-o", t / "out"], "--image is required"),
     "no output": (lambda t, r: ["--tiny", "--image", r], "-o OUT is required"),
     "empty prompt": (lambda t, r: ["--tiny", "--image", r, "--prompt", " ", "-o", t / "out"], "--prompt is empty"),
+    "prompt too long for the critic": (lambda t, r: ["--tiny", "--image", r, "--prompt", "chair " * 25000, "-o",
+                                                     t / "out"], "longer than the model's context of 4096"),
     "negative lambda": (lambda t, r: ["--tiny", "--image", r, "--lam", "-1", "-o", t / "out"], "--lam"),
     "steps not a number": (lambda t, r: ["--tiny", "--image", r, "--steps", "many", "-o", t / "out"], "--steps"),
     "zero steps": (lambda t, r: ["--tiny", "--image", r, "--steps", "0", "-o", t / "out"], "--steps"),

@@ -281,7 +281,7 @@ def test_describe(tiny_root):
 def test_describe_sees_transparent_images_on_white(tiny_root):
     """Alpha is the object mask: transparent pixels become white whatever colour they hold, so two
     RGBA images that differ only under alpha = 0 are described identically (and like the composite)."""
-    from vlm3d_guidance.critic.critic import on_white
+    from vlm3d_guidance.critic.describe import on_white
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)

@@ -13,6 +13,7 @@ import torch
 import trimesh
 
 from vlm3d_guidance import evaluate as ev
+from vlm3d_guidance.evaluate.report import _cell
 
 
 def _pymeshlab_works() -> bool:
@@ -299,7 +300,7 @@ def test_evaluate_folder_writes_report(tmp_path):
     assert "| metric | baseline | guided | change |" in md
     assert "| components | 2 | 1 | -1 |" in md
     assert "| watertight | yes | yes | 0 |" in md
-    assert f"| chamfer distance (baseline to guided) | – | – | {ev._fmt(on_disk['chamfer'])} |" in md
+    assert f"| chamfer distance (baseline to guided) | – | – | {_cell(on_disk['chamfer'])} |" in md
     if _render_available():
         assert paths["png"] and Path(paths["png"]).stat().st_size > 0
         from PIL import Image
@@ -309,6 +310,26 @@ def test_evaluate_folder_writes_report(tmp_path):
         assert paths["png"] is None
         assert any("render" in n for n in report["notes"])
         assert "render stage not importable" in md
+
+
+def test_evaluate_folder_uses_the_runs_cameras(tmp_path):
+    """The clay views of the report are outputs.render_mesh_views (the CLI's views.png path) with the
+    cameras of the run's config.json, on the welded mesh; explicit arguments win."""
+    from vlm3d_guidance.outputs import render_mesh_views
+
+    folder = tmp_path / "run"
+    _, guided = _write_folder(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["guidance"] = {"num_views": 3, "elevation": 35.0, "fov": 30.0}
+    (folder / "config.json").write_text(json.dumps(config))
+    report = ev.evaluate_folder(folder, size=56)
+    assert report["cameras"] == {"num_views": 3, "elevation": 35.0, "fov": 30.0}
+    views = ev.clay_views(trimesh.load(folder / "mesh.glb", force="mesh"), size=56, **report["cameras"])
+    assert torch.equal(views, render_mesh_views(guided, num_views=3, elevation=35.0, fov=30.0, size=56))
+    other = render_mesh_views(guided, num_views=3, elevation=20.0, fov=40.0, size=56)
+    assert float((views - other).abs().max()) > 0.1  # the cameras matter
+    assert ev.evaluate_folder(folder, size=56, num_views=2, elevation=10.0)["cameras"] == {
+        "num_views": 2, "elevation": 10.0, "fov": 30.0}
 
 
 def test_evaluate_folder_guided_only(tmp_path):
@@ -448,12 +469,12 @@ def test_critic_rewards(tiny_critic):
     assert set(rewards) == {"dual", "content", "geometry"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in rewards.values())
     # each number is that query's critic on the same clay views
-    images = ev.render_clay_views(mesh, num_views=2, size=56)
+    images = ev.clay_views(mesh, num_views=2, size=56)
     assert images.shape == (2, 3, 56, 56) and 0.0 <= float(images.min()) and float(images.max()) <= 1.0
     for name in ("dual", "content", "geometry"):
         scorer = VLMCritic(tiny_critic.model, tiny_critic.processor, query=name, reward_mode="logit")
         with torch.no_grad():
-            direct = ev._to_float(scorer.reward(images, "a ball"))
+            direct = float(scorer.reward(images, "a ball"))
         assert rewards[name] == pytest.approx(direct, abs=1e-5), name
     assert len({round(v, 6) for v in rewards.values()}) == 3  # three different questions, three numbers
 

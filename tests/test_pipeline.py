@@ -127,6 +127,23 @@ def test_guidance_changes_latents_and_records_trace(hunyuan_root, critic):
             assert rec.seconds[stage] > 0
 
 
+def test_rewards_of_every_batch_item(hunyuan_root, critic):
+    """GuidedOutput.rewards(): one per-step list per batch item (item b's own reward), rewards(b) one of them."""
+    _, guided = _pipes("standard", hunyuan_root, critic, lam=0.05)
+    out = guided(image=[_image(0), _image(1)], prompt=["a red box", "a tall vase"], generator=torch.manual_seed(0),
+                 output_type="latent", return_dict=True, **CALL)
+    per_item = out.rewards()
+    steps = CALL["num_inference_steps"]
+    assert len(per_item) == 2 and all(len(r) == steps for r in per_item)
+    for b in range(2):
+        assert per_item[b] == [rec.reward[b] if rec.reward else None for rec in out.trace]
+        assert all(math.isfinite(r) for r in per_item[b][:-1]) and per_item[b][-1] is None  # last step unguided
+    assert per_item[0] != per_item[1]  # two images, two prompts: two different reward traces
+    assert out.rewards(0) == per_item[0] and out.rewards(1) == out.rewards(-1) == per_item[1]
+    with pytest.raises(IndexError, match="item 2 is out of range for a batch of 2"):
+        out.rewards(2)
+
+
 def test_guidance_raises_final_reward_for_most_seeds(hunyuan_root, critic):
     _, guided = _pipes("standard", hunyuan_root, critic)  # the default lam (0.02, rms-normalised)
     prompt = "a red box"
@@ -285,7 +302,7 @@ def test_prompt_none_uses_the_critics_description(hunyuan_root, critic):
     (dict(normalize="l2"), "normalize must be one of 'none', 'rms'"),
     (dict(clip=0.0), "clip must be > 0"),
     (dict(start=0.8, end=0.2), "start < end"),
-    (dict(every=0), "every must be an integer"),
+    (dict(every=0), "every must be a positive integer"),
     (dict(num_inference_steps=0), "num_inference_steps must be a positive integer"),
     (dict(num_inference_steps=2.5), "num_inference_steps must be a positive integer"),
     (dict(callback=lambda *a: None, callback_steps=0), "callback_steps must be a positive integer"),
@@ -293,6 +310,7 @@ def test_prompt_none_uses_the_critics_description(hunyuan_root, critic):
     (dict(image=None), "image is required"),
     (dict(prompt=["a", "b"]), "2 prompts for 1 images"),
     (dict(prompt="  "), "prompt must be a non-empty string or None"),
+    (dict(prompt="chair " * 25000), r"the prompt is \d+ tokens .* longer than the model's context of 4096"),
     (dict(wobble=1), r"unknown keyword argument\(s\) \['wobble'\].*'num_inference_steps'.*'lam'"),
 ])
 def test_bad_arguments_fail_before_any_model_runs(hunyuan_root, critic, bad, match):
@@ -488,7 +506,7 @@ class _ToyMoE(torch.nn.Module):
 def test_full_mode_train_switch_is_exact_for_moe_blocks():
     """What the switch must do for Hunyuan3D 2.1 (hy3dshape is not installable here), on a toy MoE
     block of the same structure: eval has no gradient, train alone adds the aux loss's gradient."""
-    from vlm3d_guidance.pipeline import _dit_train_mode
+    from vlm3d_guidance.surgery import _dit_train_mode
 
     h = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     g = torch.randn(5, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 SCHEDULES = ("constant", "linear", "cosine")
@@ -156,6 +157,10 @@ def _finite(name, value):
         raise ValueError(f"{name} must be a finite number (got {value!r})")
 
 
-def _positive_int(name, value, minimum=1):
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum} (got {value!r})")
+def _positive_int(name: str, value, minimum: int = 1, alternatives: str = "") -> int:
+    """``value`` as an int, or a ValueError naming ``name``, the bound and ``alternatives`` (e.g.
+    ``" or None"``). Any integral type is accepted (numpy's too), bool is not."""
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < minimum:
+        bound = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {bound}{alternatives} (got {value!r})")
+    return int(value)

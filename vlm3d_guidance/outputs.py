@@ -23,6 +23,16 @@ from typing import Any, Iterable, Sequence
 MESH_FORMATS = ("glb", "obj", "ply", "stl")
 
 
+def _read_umask() -> int:
+    """The process umask; POSIX can only read it by setting it, so this runs once, at import."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 # --------------------------------------------------------------------------------------------------
 # atomic writes
 # --------------------------------------------------------------------------------------------------
@@ -37,7 +47,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the usual permissions
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the usual permissions
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -46,12 +56,6 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     return path
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

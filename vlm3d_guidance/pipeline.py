@@ -17,8 +17,6 @@ Conventions (hy3dgen's): sigma runs from 0 (noise) to 1 (data); the DiT predicts
 
 from __future__ import annotations
 
-import contextlib
-import numbers
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -28,8 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import GuidanceConfig
+from .config import GuidanceConfig, _positive_int
 from .guidance.step import StepRecord, normalized_update, reward_and_gradient, timed
+from .surgery import _checkpointed, _dit_train_mode
 
 _STOCK_DEFAULTS = dict(
     num_inference_steps=50, timesteps=None, sigmas=None, eta=0.0, guidance_scale=5.0,
@@ -62,9 +61,17 @@ class GuidedOutput:
     config: GuidanceConfig
     warnings: list = field(default_factory=list)
 
-    def rewards(self) -> list:
-        """Per-step reward of batch item 0 (None where not computed)."""
-        return [rec.reward[0] if rec.reward else None for rec in self.trace]
+    def rewards(self, item: int | None = None) -> list:
+        """The critic's reward per sampling step (None where not computed: step not guided, or skipped).
+
+        ``rewards()[b][i]`` is batch item ``b``'s reward at step ``i`` (one list per item, in batch
+        order); ``rewards(b)`` is item ``b``'s list alone (``rewards(0)`` for a single image).
+        """
+        if item is not None and not -len(self.prompts) <= item < len(self.prompts):
+            raise IndexError(f"item {item} is out of range for a batch of {len(self.prompts)}")
+        items = range(len(self.prompts)) if item is None else [item % len(self.prompts)]
+        per_item = [[rec.reward[b] if len(rec.reward) > b else None for rec in self.trace] for b in items]
+        return per_item if item is None else per_item[0]
 
 
 class GuidedHunyuanPipeline:
@@ -148,23 +155,11 @@ class GuidedHunyuanPipeline:
         """
         callback = kwargs.pop("callback", None)
         callback_steps = kwargs.pop("callback_steps", None)
-        base = config or self.config
-        unknown = sorted(set(kwargs) - set(base.to_dict()))
-        if unknown:
-            raise ValueError(
-                f"unknown keyword argument(s) {unknown}. GuidedHunyuanPipeline takes hy3dgen's keywords "
-                f"{['image', *_STOCK_DEFAULTS]} plus callback, callback_steps, prompt, return_dict, config "
-                f"and the guidance options {sorted(base.to_dict())}")
-        cfg = base.replace(**kwargs) if kwargs else base
-        cfg.validate()
-        num_inference_steps = _positive_int("num_inference_steps", num_inference_steps)
-        if callback is not None and not callable(callback):
-            raise ValueError(f"callback must be callable as callback(step, t, outputs) (got {callback!r})")
-        callback_steps = 1 if callback_steps is None else _positive_int("callback_steps", callback_steps, " or None")
+        cfg, prompts = self.check_inputs(image, prompt, num_inference_steps, callback, callback_steps, config,
+                                         **kwargs)
+        num_inference_steps = int(num_inference_steps)
+        callback_steps = 1 if callback_steps is None else int(callback_steps)
         pipe = self.pipeline
-        if image is None:
-            raise ValueError("image is required: a path, a PIL image, a list of them, or a dict of views")
-        prompts = self._check_prompts(prompt, image)
 
         pipe.set_surface_extractor(mc_algo)
         device, dtype = pipe.device, pipe.dtype
@@ -182,6 +177,9 @@ class GuidedHunyuanPipeline:
         run_warnings: list = []
         if any(described):
             prompts = self._describe_missing(prompts, image)
+            if cfg.lam > 0:  # the critic's own words must fit its context too, before sampling starts
+                for p in dict.fromkeys(p for p, d in zip(prompts, described) if d):
+                    self.critic.check_prompt(p, cfg.num_views, cfg.render_size)
 
         from hy3dgen.shapegen.pipelines import retrieve_timesteps
 
@@ -261,6 +259,43 @@ class GuidedHunyuanPipeline:
             return meshes
         return GuidedOutput(meshes=meshes, latents=latents, trace=trace, prompts=prompts,
                             described=described, config=cfg, warnings=run_warnings)
+
+    # ------------------------------------------------------------------ checks
+    def check_inputs(self, image, prompt=None, num_inference_steps=50, callback=None, callback_steps=None,
+                     config: GuidanceConfig | None = None, **guidance) -> tuple[GuidanceConfig, list]:
+        """Every check of a call that needs no model run, as diffusers' ``check_inputs``.
+
+        Raises ValueError naming the problem and the fix: unknown keywords, bad guidance options,
+        ``num_inference_steps``/``callback_steps`` not positive integers, a callback that is not
+        callable, no image, prompts that do not match the images, and (when guidance is on) a
+        prompt whose critic queries would not fit the critic's context (counted by its tokenizer
+        for ``num_views`` views of ``render_size`` px; no model runs).
+
+        Returns:
+            ``(config, prompts)``: the call's resolved :class:`GuidanceConfig` and one prompt (or
+            None: to be described by the critic) per image.
+        """
+        base = config or self.config
+        unknown = sorted(set(guidance) - set(base.to_dict()))
+        if unknown:
+            raise ValueError(
+                f"unknown keyword argument(s) {unknown}. GuidedHunyuanPipeline takes hy3dgen's keywords "
+                f"{['image', *_STOCK_DEFAULTS]} plus callback, callback_steps, prompt, return_dict, config "
+                f"and the guidance options {sorted(base.to_dict())}")
+        cfg = base.replace(**guidance) if guidance else base
+        cfg.validate()
+        _positive_int("num_inference_steps", num_inference_steps)
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback must be callable as callback(step, t, outputs) (got {callback!r})")
+        if callback_steps is not None:
+            _positive_int("callback_steps", callback_steps, alternatives=" or None")
+        if image is None:
+            raise ValueError("image is required: a path, a PIL image, a list of them, or a dict of views")
+        prompts = self._check_prompts(prompt, image)
+        if cfg.lam > 0:
+            for p in dict.fromkeys(p for p in prompts if p is not None):
+                self.critic.check_prompt(p, cfg.num_views, cfg.render_size)
+        return cfg, prompts
 
     # ------------------------------------------------------------------ pieces
     def _velocity(self, latents, t, cond, guidance, guidance_scale, do_cfg):
@@ -381,92 +416,3 @@ def _clone_tree(tree):
     if isinstance(tree, dict):
         return {k: _clone_tree(v) for k, v in tree.items()}
     return tree
-
-
-def _positive_int(name: str, value, alternatives: str = "") -> int:
-    """``value`` as an int, or a ValueError naming ``name`` (any integral type; not bool, not < 1)."""
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive integer{alternatives} (got {value!r})")
-    return int(value)
-
-
-def _patch_forward(module, wrap) -> None:
-    """Replace ``module.forward`` by ``wrap(module.forward)`` on the instance (undo with :func:`_unpatch_forward`)."""
-    module.__dict__.setdefault("_vlm3d_saved_forward", [])
-    module._vlm3d_saved_forward.append(module.__dict__.get("forward"))
-    module.forward = wrap(module.forward)
-
-
-def _unpatch_forward(module) -> None:
-    saved = module._vlm3d_saved_forward.pop()
-    if saved is None:
-        del module.forward  # back to the class's forward
-    else:
-        module.forward = saved
-    if not module._vlm3d_saved_forward:
-        del module._vlm3d_saved_forward
-
-
-def _detached_aux(forward):
-    """A MoE gate forward whose load-balancing loss (3rd output) carries no gradient."""
-    def gate_forward(*args, **kwargs):
-        out = forward(*args, **kwargs)
-        if isinstance(out, tuple) and len(out) == 3 and isinstance(out[2], torch.Tensor):
-            out = (out[0], out[1], out[2].detach())
-        return out
-    return gate_forward
-
-
-@contextlib.contextmanager
-def _dit_train_mode(model, enabled: bool):
-    """Run the DiT in train mode while active (gradient="full"), then restore every module's own mode.
-
-    Hunyuan3D 2.1's (hy3dshape) MoE blocks compute their eval-mode path (``moe_infer``) under
-    ``torch.no_grad``, so with the DiT in ``.eval()`` the gradient through it is wrong. Their
-    train-mode path is differentiable and has no active dropout (dropout 0.0), but it attaches the
-    gate's load-balancing loss with an autograd trick (``AddAuxiliaryLoss``) whose backward adds
-    ``d aux / d input`` to every gradient. So the aux loss of every ``MoEGate`` is detached while
-    active: the gradient is then exactly that of the velocity. hy3dgen 2.0's DiT
-    (``Hunyuan3DDiT``) has no dropout, no ``self.training`` branch and no MoE, so train mode
-    changes nothing there (same values, same gradients).
-
-    The previous mode of EACH submodule is restored (a model may mix modes), also on error.
-    """
-    if not enabled:
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    gates = [m for m in model.modules() if type(m).__name__ == "MoEGate"]
-    for gate in gates:
-        _patch_forward(gate, _detached_aux)
-    model.train()
-    try:
-        yield
-    finally:
-        for gate in gates:
-            _unpatch_forward(gate)
-        for module, mode in modes:
-            module.training = mode
-
-
-@contextlib.contextmanager
-def _checkpointed(model, enabled: bool):
-    """Recompute the DiT's transformer blocks in backward (activation checkpointing) while active.
-
-    hy3dgen's DiT has no checkpointing switch; this wraps each block's forward with
-    ``torch.utils.checkpoint`` for the duration and restores it afterwards. The recomputation
-    happens in backward, so the DiT's train mode (:func:`_dit_train_mode`) must still be on then.
-    """
-    if not enabled:
-        yield
-        return
-    from torch.utils.checkpoint import checkpoint
-
-    blocks = [m for name in ("double_blocks", "single_blocks", "blocks") for m in getattr(model, name, [])]
-    for block in blocks:
-        _patch_forward(block, lambda f: lambda *a, **k: checkpoint(f, *a, use_reentrant=False, **k))
-    try:
-        yield
-    finally:
-        for block in blocks:
-            _unpatch_forward(block)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
-from .templates import DESCRIBE_PROMPT, QuerySpec, resolve_query
+from .prompt import check_length, context_length, query_ids
+from .describe import describe
+from .templates import QuerySpec, resolve_query
 from .vision import VisionSpec, grid_hw, image_inputs
 
 #: ``config.model_type`` values the critic supports.
@@ -66,17 +67,6 @@ def _resolve_dtype(dtype, device):
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype, a dtype name or 'auto', got {dtype!r}")
     return dtype
-
-
-def on_white(image):
-    """A PIL image as RGB, its transparent parts composited onto white (alpha is the object mask, as
-    in Hunyuan3D); an image without alpha is only converted."""
-    from PIL import Image
-
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return image.convert("RGB")
 
 
 class VLMCritic:
@@ -139,8 +129,7 @@ class VLMCritic:
             raise ValueError(
                 f"tokenizer's <|image_pad|> id {pad} differs from the model's image_token_id {self.image_token_id}"
             )
-        text_cfg = getattr(cfg, "text_config", cfg)
-        self.max_length = int(getattr(text_cfg, "max_position_embeddings", 0) or 0) or None
+        self.max_length = context_length(cfg)
         self.yes_id = self._single_token_id("Yes")
         self.no_id = self._single_token_id("No")
         self._prompt_cache: OrderedDict = OrderedDict()
@@ -230,23 +219,9 @@ class VLMCritic:
             self.cache_hits += 1
             return hit
         self.cache_misses += 1
-        messages = [{"role": "user", "content": [{"type": "image"}] * n_views + [{"type": "text", "text": text}]}]
-        rendered = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        ids = self.tokenizer.encode(rendered, add_special_tokens=False)
-        n_found = sum(1 for i in ids if i == self.image_token_id)
-        if n_found != n_views:
-            raise ValueError(
-                f"the chat template rendered {n_found} image placeholders for {n_views} views"
-            )
         per_image = grid[0] * grid[1] // (self.vision.merge_size ** 2)
-        expanded = []
-        for i in ids:
-            expanded.extend([i] * per_image if i == self.image_token_id else [i])
-        if self.max_length is not None and len(expanded) > self.max_length:
-            raise ValueError(
-                f"the prompt is {len(expanded)} tokens ({n_views} views x {per_image} image tokens + text), "
-                f"longer than the model's context of {self.max_length}; use fewer or smaller views or a shorter description"
-            )
+        expanded = query_ids(self.processor, self.image_token_id, text, n_views, per_image)
+        check_length(len(expanded), self.max_length, n_views, per_image)
         input_ids = torch.tensor([expanded], dtype=torch.long, device=self.device)
         mm = torch.zeros_like(input_ids)
         mm[input_ids == self.image_token_id] = 1
@@ -256,6 +231,16 @@ class VLMCritic:
         if len(self._prompt_cache) > _PROMPT_CACHE_SIZE:
             self._prompt_cache.popitem(last=False)
         return value
+
+    def check_prompt(self, prompt: str, num_views: int, size: int) -> int:
+        """Refuse, before any model runs, a description whose queries would not fit the model's context.
+
+        Counts the tokens of every query for ``num_views`` square views of ``size`` px (what
+        :meth:`reward` will be given during guidance) and raises the ValueError :meth:`reward` would;
+        returns the longest query's token count. Tokenizer only: no model call.
+        """
+        grid = grid_hw(size, size, self.vision)
+        return max(int(self._prompt(q.fill(prompt), num_views, grid)[0].shape[1]) for q in self.queries)
 
     # ------------------------------------------------------------------ model call
     @contextlib.contextmanager
@@ -339,52 +324,10 @@ class VLMCritic:
         return CriticScore(reward=total, p_yes=float(p_yes),
                            parts={name: float(r.detach()) for name, _, r, _ in parts})
 
-    @torch.no_grad()
     def describe(self, image, max_new_tokens: int = 32, **generate_kwargs) -> str:
-        """A short description of a reference image (greedy decoding, no gradient).
-
-        Args:
-            image: a PIL image, or a ``[3, H, W]`` float tensor in [0, 1] (``[1, 3, H, W]`` also accepted).
-                A transparent image (RGBA, LA, or palette with transparency) is composited onto white
-                first, so the VLM sees the object on a plain background, not whatever colour the
-                transparent pixels happen to hold.
-            max_new_tokens: generation budget; ``generate_kwargs`` go to ``model.generate``.
-
-        Returns:
-            The first non-empty line of the generated text, stripped. A model that generates nothing useful (random tiny models
-            often do) yields ``"an object"`` with a warning.
-        """
-        from PIL import Image
-
-        if isinstance(image, torch.Tensor):
-            t = image[0] if image.ndim == 4 and image.shape[0] == 1 else image
-            if t.ndim != 3:
-                raise ValueError(f"describe() takes one image [3, H, W], got shape {tuple(image.shape)}")
-            self._check_images(t[None])
-            arr = (t.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-            image = Image.fromarray(arr)
-        elif not isinstance(image, Image.Image):
-            raise ValueError(f"describe() takes a PIL image or a [3, H, W] tensor, got {type(image).__name__}")
-        image = on_white(image)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE_PROMPT}]}]
-        text = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        inputs = self.processor(text=[text], images=[image], return_tensors="pt").to(self.device)
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            kwargs = {"do_sample": False, **generate_kwargs}
-            out = self.model.generate(**inputs, max_new_tokens=max_new_tokens, use_cache=True, **kwargs)
-        finally:
-            self.model.train(was_training)
-        new = out[0, inputs["input_ids"].shape[1]:]
-        decoded = self.tokenizer.decode(new, skip_special_tokens=True)
-        result = next((line.strip() for line in decoded.splitlines() if line.strip()), "")
-        if not result:
-            warnings.warn("the VLM generated an empty description; using 'an object'", stacklevel=2)
-            return "an object"
-        return result
+        """A short description of a reference image (greedy decoding, no gradient): see
+        :func:`vlm3d_guidance.critic.describe.describe`."""
+        return describe(self, image, max_new_tokens, **generate_kwargs)
 
     def clear_cache(self) -> None:
         """Forget the cached prompt token ids."""

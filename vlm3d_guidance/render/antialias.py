@@ -29,6 +29,9 @@ Algorithm, per image:
    differences, and summed over a silhouette it equals the analytic rate of change of the covered
    area (edge length x normal speed).
 
+The four steps are the functions :func:`silhouette_edges`, :func:`scan_crossings`,
+:func:`nearest_per_pixel_pair` and :func:`blend`; :func:`antialias` chains them.
+
 Works on any ``rast`` in the shared convention (torch or nvdiffrast backend): it needs only the
 triangle ids and ``z/w`` of ``rast`` plus the clip-space ``pos``.
 """
@@ -83,6 +86,182 @@ def _screen(pos: torch.Tensor, H: int, W: int):
     return (pos[..., 0] / wsafe + 1.0) * (0.5 * W), (pos[..., 1] / wsafe + 1.0) * (0.5 * H), pos[..., 2] / wsafe
 
 
+@dataclass
+class Crossings:
+    """One row per crossing of a silhouette edge with a scan line (all ``[K]``).
+
+    ``b`` image, ``e`` edge (index into the :class:`EdgeTopology`), ``vt`` True for a row scan (the
+    line is a pixel row ``y = line + 0.5``), False for a column scan; ``s`` the edge parameter of the
+    crossing (0 at ``edges[e, 0]``, 1 at ``edges[e, 1]``); ``cross`` its coordinate across the line
+    in pixels (x for rows, y for columns), differentiable in the vertex positions.
+    """
+
+    b: torch.Tensor
+    e: torch.Tensor
+    vt: torch.Tensor
+    line: torch.Tensor
+    lc: torch.Tensor
+    s: torch.Tensor
+    cross: torch.Tensor
+
+
+@dataclass
+class PixelPairs:
+    """The winning crossing of each pixel pair: ``win [M]`` indexes :class:`Crossings`; per crossing
+    (``[K]``): ``pix_in``/``pix_out`` flat pixel indices into ``[B * H * W]``, ``in_is_lo`` (P_in is
+    the pixel before the crossing), ``lo_c`` that pixel's index across the line."""
+
+    win: torch.Tensor
+    pix_in: torch.Tensor
+    pix_out: torch.Tensor
+    in_is_lo: torch.Tensor
+    lo_c: torch.Tensor
+
+
+@torch.no_grad()
+def silhouette_edges(dx: torch.Tensor, dy: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
+                     topo: EdgeTopology) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 1: ``(image index [S], edge index [S])`` of every silhouette edge of every image.
+
+    ``dx, dy [B, V]``: screen positions in pixels (detached). An edge is on the silhouette when its
+    two faces have opposite screen orientation, or it has one face; faces with a vertex at or
+    behind the eye (``w <= 1e-12``) do not count.
+    """
+    t = tri
+    area = (dx[:, t[:, 1]] - dx[:, t[:, 0]]) * (dy[:, t[:, 2]] - dy[:, t[:, 0]]) - \
+           (dy[:, t[:, 1]] - dy[:, t[:, 0]]) * (dx[:, t[:, 2]] - dx[:, t[:, 0]])  # [B, F]
+    front = area > 0
+    valid_f = (pos.detach()[..., 3][:, t] > 1e-12).all(-1)
+    f0, f1 = topo.faces[:, 0], topo.faces[:, 1]
+    boundary = f1 < 0
+    f1c = f1.clamp_min(0)
+    sil = (boundary[None] | (front[:, f0] != front[:, f1c])) & valid_f[:, f0] & (boundary[None] | valid_f[:, f1c])
+    return torch.nonzero(sil, as_tuple=True)
+
+
+def scan_crossings(sx: torch.Tensor, sy: torch.Tensor, bi: torch.Tensor, ei: torch.Tensor, topo: EdgeTopology,
+                   H: int, W: int) -> Crossings | None:
+    """Step 2: every crossing of the silhouette edges ``(bi, ei)`` with the pixel rows AND columns.
+
+    ``sx, sy [B, V]``: screen positions in pixels (with grad). The lines counted are those whose
+    centre lies in ``[min, max)`` of the edge's extent along the scan. None when there is none.
+    """
+    with torch.no_grad():
+        dx, dy = sx.detach(), sy.detach()
+        # every silhouette edge is scanned against pixel rows (vt = True) AND columns (vt = False)
+        bi, ei = torch.cat([bi, bi]), torch.cat([ei, ei])
+        vert = torch.arange(bi.numel(), device=sx.device) < bi.numel() // 2
+        va, vb = topo.edges[ei, 0], topo.edges[ei, 1]
+        xa, ya, xb, yb = dx[bi, va], dy[bi, va], dx[bi, vb], dy[bi, vb]
+        # along = the coordinate the scan lines are spaced in (y for rows, x for columns)
+        la = torch.where(vert, ya, xa)
+        lb = torch.where(vert, yb, xb)
+        lmin, lmax = torch.minimum(la, lb), torch.maximum(la, lb)
+        first = torch.ceil(lmin - 0.5).long()
+        last = torch.ceil(lmax - 0.5).long() - 1  # lines with centre in [lmin, lmax)
+        lim = torch.where(vert, torch.full_like(first, H), torch.full_like(first, W))
+        first = first.clamp_min(0)
+        last = torch.minimum(last, lim - 1)
+        cnt = (last - first + 1).clamp_min(0)
+        keep = torch.nonzero(cnt > 0).squeeze(1)
+        if keep.numel() == 0:
+            return None
+        cnt = cnt[keep]
+        rep = torch.repeat_interleave(torch.arange(keep.numel(), device=sx.device), cnt)
+        owner = keep[rep]  # one row per (edge, scan line) crossing
+        start = torch.cumsum(cnt, 0) - cnt
+        line = first[owner] + (torch.arange(int(cnt.sum()), device=sx.device) - start[rep])
+    # --- differentiable crossing positions
+    b, e = bi[owner], ei[owner]
+    a_, b_ = topo.edges[e, 0], topo.edges[e, 1]
+    vt = vert[owner]
+    pa_along = torch.where(vt, sy[b, a_], sx[b, a_])
+    pb_along = torch.where(vt, sy[b, b_], sx[b, b_])
+    pa_across = torch.where(vt, sx[b, a_], sy[b, a_])
+    pb_across = torch.where(vt, sx[b, b_], sy[b, b_])
+    lc = line.to(sx.dtype) + 0.5
+    s = (lc - pa_along) / (pb_along - pa_along)
+    cross = pa_across + s * (pb_across - pa_across)  # crossing coordinate across the scan line
+    return Crossings(b=b, e=e, vt=vt, line=line, lc=lc, s=s, cross=cross)
+
+
+@torch.no_grad()
+def nearest_per_pixel_pair(c: Crossings, dx: torch.Tensor, dy: torch.Tensor, sz: torch.Tensor,
+                           rast: torch.Tensor, topo: EdgeTopology, B: int, H: int, W: int) -> PixelPairs:
+    """Step 3: the visible crossings, and of those the nearest one per pixel pair.
+
+    A crossing is visible when ``P_in`` (the side its faces project to) is covered and ``P_out``
+    shows background or a surface farther than the edge (``z/w`` of ``rast``). No gradient.
+    """
+    b, a_, b_, vt, line, lc = c.b, topo.edges[c.e, 0], topo.edges[c.e, 1], c.vt, c.line, c.lc
+    zc = sz.detach()[b, a_] + c.s.detach() * (sz.detach()[b, b_] - sz.detach()[b, a_])
+    cd = c.cross.detach()
+    lo_pix = torch.floor(cd - 0.5).long()  # pixel whose centre is just before the crossing
+    n_across = torch.where(vt, torch.full_like(lo_pix, W), torch.full_like(lo_pix, H))
+    ok = (lo_pix >= 0) & (lo_pix + 1 < n_across)
+    # which side do the edge's faces project to? (the third vertex of its first face)
+    o_ = topo.opp[c.e]
+    ex, ey = dx[b, b_] - dx[b, a_], dy[b, b_] - dy[b, a_]
+    ox, oy = dx[b, o_] - dx[b, a_], dy[b, o_] - dy[b, a_]
+    side_o = ex * oy - ey * ox
+    # a point just before the crossing across the line, in screen coords
+    px_lo = torch.where(vt, lo_pix.to(cd.dtype) + 0.5, lc)
+    py_lo = torch.where(vt, lc, lo_pix.to(cd.dtype) + 0.5)
+    side_lo = ex * (py_lo - dy[b, a_]) - ey * (px_lo - dx[b, a_])
+    in_is_lo = (side_o * side_lo) > 0
+    lo_c = lo_pix.clamp(0, 10 ** 9)
+    hi_c = lo_c + 1
+
+    def flat_index(across):
+        row = torch.where(vt, line, across)
+        col = torch.where(vt, across, line)
+        return (b * H + row.clamp(0, H - 1)) * W + col.clamp(0, W - 1)
+
+    pix_lo, pix_hi = flat_index(lo_c), flat_index(hi_c)
+    pix_in = torch.where(in_is_lo, pix_lo, pix_hi)
+    pix_out = torch.where(in_is_lo, pix_hi, pix_lo)
+    rf = rast.detach().reshape(-1, 4)
+    id_in, id_out = rf[pix_in, 3], rf[pix_out, 3]
+    z_out = rf[pix_out, 2]
+    ok &= (id_in > 0) & ((id_out == 0) | (z_out > zc))
+    # nearest crossing per pixel pair
+    idx = torch.nonzero(ok).squeeze(1)
+    pair = pix_lo[idx] * 2 + vt[idx].long()
+    d01 = ((zc[idx].float() + 1.0) * 0.5).clamp(0.0, 1.0)
+    key = (d01.view(torch.int32).long() << 32) | torch.arange(idx.numel(), device=cd.device)
+    best = torch.full((B * H * W * 2,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=cd.device)
+    best.scatter_reduce_(0, pair, key, reduce="amin", include_self=True)
+    win = idx[(best[pair] & 0xFFFFFFFF) == torch.arange(idx.numel(), device=cd.device)]
+    return PixelPairs(win=win, pix_in=pix_in, pix_out=pix_out, in_is_lo=in_is_lo, lo_c=lo_c)
+
+
+def blend(color: torch.Tensor, c: Crossings, p: PixelPairs, sx: torch.Tensor, sy: torch.Tensor,
+          topo: EdgeTopology) -> torch.Tensor:
+    """Step 4: the 1-D box filter across each winning pixel pair, weighted by the scan direction.
+
+    ``color [B, H, W, C]``; returns the blended ``[B, H, W, C]`` (gradients to ``color`` and, through
+    ``c.cross`` and the scan weight, to ``sx, sy``).
+    """
+    B, H, W, C = color.shape
+    win = p.win
+    lo_f = p.lo_c[win].to(c.cross.dtype) + 0.5
+    a_in = torch.where(p.in_is_lo[win], c.cross[win] - lo_f, lo_f + 1.0 - c.cross[win])  # dist P_in -> crossing
+    cf = color.reshape(-1, C)
+    pin, pout = p.pix_in[win], p.pix_out[win]
+    c_in, c_out = cf[pin], cf[pout]
+    # scan weight: rows get dy^2 / len^2, columns dx^2 / len^2 (sum 1; continuous in orientation)
+    ew, eb = c.e[win], c.b[win]
+    ea, eb_ = topo.edges[ew, 0], topo.edges[ew, 1]
+    ddx, ddy = sx[eb, eb_] - sx[eb, ea], sy[eb, eb_] - sy[eb, ea]
+    l2 = ddx * ddx + ddy * ddy
+    wscan = torch.where(c.vt[win], ddy * ddy, ddx * ddx) / torch.where(l2 > 0, l2, torch.ones_like(l2))
+    w_in = (wscan * torch.relu(0.5 - a_in))[:, None]
+    w_out = (wscan * torch.relu(a_in - 0.5))[:, None]
+    out = cf.index_add(0, pin, (w_in * (c_out - c_in)).to(cf.dtype))
+    out = out.index_add(0, pout, (w_out * (c_in - c_out)).to(cf.dtype))
+    return out.reshape(B, H, W, C)
+
+
 def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: torch.Tensor,
               topology: EdgeTopology | None = None) -> torch.Tensor:
     """Antialias silhouettes of ``color [B, H, W, C]`` (row 0 at the bottom, background already
@@ -98,108 +277,14 @@ def antialias(color: torch.Tensor, rast: torch.Tensor, pos: torch.Tensor, tri: t
     topo = topology if topology is not None else edge_topology(tri)
     tri = tri.long().to(pos.device)
     sx, sy, sz = _screen(pos, H, W)  # [B, V], with grad
-    with torch.no_grad():
-        dx, dy = sx.detach(), sy.detach()
-        t = tri
-        area = (dx[:, t[:, 1]] - dx[:, t[:, 0]]) * (dy[:, t[:, 2]] - dy[:, t[:, 0]]) - \
-               (dy[:, t[:, 1]] - dy[:, t[:, 0]]) * (dx[:, t[:, 2]] - dx[:, t[:, 0]])  # [B, F]
-        front = area > 0
-        valid_f = (pos.detach()[..., 3][:, t] > 1e-12).all(-1)
-        f0, f1 = topo.faces[:, 0], topo.faces[:, 1]
-        boundary = f1 < 0
-        f1c = f1.clamp_min(0)
-        sil = (boundary[None] | (front[:, f0] != front[:, f1c])) & valid_f[:, f0] & (boundary[None] | valid_f[:, f1c])
-        bi, ei = torch.nonzero(sil, as_tuple=True)
-        if bi.numel() == 0:
-            return color
-        # every silhouette edge is scanned against pixel rows (vt = True) AND columns (vt = False)
-        bi, ei = torch.cat([bi, bi]), torch.cat([ei, ei])
-        vert = torch.arange(bi.numel(), device=pos.device) < bi.numel() // 2
-        va, vb, vo = topo.edges[ei, 0], topo.edges[ei, 1], topo.opp[ei]
-        xa, ya, xb, yb = dx[bi, va], dy[bi, va], dx[bi, vb], dy[bi, vb]
-        # along = the coordinate the scan lines are spaced in (y for rows, x for columns)
-        la = torch.where(vert, ya, xa)
-        lb = torch.where(vert, yb, xb)
-        lmin, lmax = torch.minimum(la, lb), torch.maximum(la, lb)
-        first = torch.ceil(lmin - 0.5).long()
-        last = torch.ceil(lmax - 0.5).long() - 1  # lines with centre in [lmin, lmax)
-        lim = torch.where(vert, torch.full_like(first, H), torch.full_like(first, W))
-        first = first.clamp_min(0)
-        last = torch.minimum(last, lim - 1)
-        cnt = (last - first + 1).clamp_min(0)
-        keep = torch.nonzero(cnt > 0).squeeze(1)
-        if keep.numel() == 0:
-            return color
-        cnt = cnt[keep]
-        rep = torch.repeat_interleave(torch.arange(keep.numel(), device=pos.device), cnt)
-        owner = keep[rep]  # one row per (edge, scan line) crossing
-        start = torch.cumsum(cnt, 0) - cnt
-        line = first[owner] + (torch.arange(int(cnt.sum()), device=pos.device) - start[rep])
-    # --- differentiable crossing positions
-    b, e = bi[owner], ei[owner]
-    a_, b_ = topo.edges[e, 0], topo.edges[e, 1]
-    vt = vert[owner]
-    pa_along = torch.where(vt, sy[b, a_], sx[b, a_])
-    pb_along = torch.where(vt, sy[b, b_], sx[b, b_])
-    pa_across = torch.where(vt, sx[b, a_], sy[b, a_])
-    pb_across = torch.where(vt, sx[b, b_], sy[b, b_])
-    lc = line.to(sx.dtype) + 0.5
-    s = (lc - pa_along) / (pb_along - pa_along)
-    cross = pa_across + s * (pb_across - pa_across)  # crossing coordinate across the scan line
-    with torch.no_grad():
-        zc = sz.detach()[b, a_] + s.detach() * (sz.detach()[b, b_] - sz.detach()[b, a_])
-        cd = cross.detach()
-        lo_pix = torch.floor(cd - 0.5).long()  # pixel whose centre is just before the crossing
-        n_across = torch.where(vt, torch.full_like(lo_pix, W), torch.full_like(lo_pix, H))
-        ok = (lo_pix >= 0) & (lo_pix + 1 < n_across)
-        # which side do the edge's faces project to? (the third vertex of its first face)
-        o_ = vo[owner]
-        ex, ey = dx[b, b_] - dx[b, a_], dy[b, b_] - dy[b, a_]
-        ox, oy = dx[b, o_] - dx[b, a_], dy[b, o_] - dy[b, a_]
-        side_o = ex * oy - ey * ox
-        # a point just before the crossing across the line, in screen coords
-        px_lo = torch.where(vt, lo_pix.to(cd.dtype) + 0.5, lc)
-        py_lo = torch.where(vt, lc, lo_pix.to(cd.dtype) + 0.5)
-        side_lo = ex * (py_lo - dy[b, a_]) - ey * (px_lo - dx[b, a_])
-        in_is_lo = (side_o * side_lo) > 0
-        lo_c = lo_pix.clamp(0, 10 ** 9)
-        hi_c = lo_c + 1
-
-        def flat_index(across):
-            row = torch.where(vt, line, across)
-            col = torch.where(vt, across, line)
-            return (b * H + row.clamp(0, H - 1)) * W + col.clamp(0, W - 1)
-
-        pix_lo, pix_hi = flat_index(lo_c), flat_index(hi_c)
-        pix_in = torch.where(in_is_lo, pix_lo, pix_hi)
-        pix_out = torch.where(in_is_lo, pix_hi, pix_lo)
-        rf = rast.detach().reshape(-1, 4)
-        id_in, id_out = rf[pix_in, 3], rf[pix_out, 3]
-        z_out = rf[pix_out, 2]
-        ok &= (id_in > 0) & ((id_out == 0) | (z_out > zc))
-        # nearest crossing per pixel pair
-        idx = torch.nonzero(ok).squeeze(1)
-        pair = pix_lo[idx] * 2 + vt[idx].long()
-        d01 = ((zc[idx].float() + 1.0) * 0.5).clamp(0.0, 1.0)
-        key = (d01.view(torch.int32).long() << 32) | torch.arange(idx.numel(), device=pos.device)
-        best = torch.full((B * H * W * 2,), torch.iinfo(torch.int64).max, dtype=torch.int64, device=pos.device)
-        best.scatter_reduce_(0, pair, key, reduce="amin", include_self=True)
-        win = idx[(best[pair] & 0xFFFFFFFF) == torch.arange(idx.numel(), device=pos.device)]
-    if win.numel() == 0:
+    dx, dy = sx.detach(), sy.detach()
+    bi, ei = silhouette_edges(dx, dy, pos, tri, topo)
+    if bi.numel() == 0:
         return color
-    lo_f = lo_c[win].to(cross.dtype) + 0.5
-    a_in = torch.where(in_is_lo[win], cross[win] - lo_f, lo_f + 1.0 - cross[win])  # dist P_in -> crossing
-    cf = color.reshape(-1, C)
-    pin, pout = pix_in[win], pix_out[win]
-    c_in, c_out = cf[pin], cf[pout]
-    # scan weight: rows get dy^2 / len^2, columns dx^2 / len^2 (sum 1; continuous in orientation)
-    ew, eb = e[win], b[win]
-    ea, eb_ = topo.edges[ew, 0], topo.edges[ew, 1]
-    ddx, ddy = sx[eb, eb_] - sx[eb, ea], sy[eb, eb_] - sy[eb, ea]
-    l2 = ddx * ddx + ddy * ddy
-    wscan = torch.where(vt[win], ddy * ddy, ddx * ddx) / torch.where(l2 > 0, l2, torch.ones_like(l2))
-    w_in = (wscan * torch.relu(0.5 - a_in))[:, None]
-    w_out = (wscan * torch.relu(a_in - 0.5))[:, None]
-    out = cf.index_add(0, pin, (w_in * (c_out - c_in)).to(cf.dtype))
-    out = out.index_add(0, pout, (w_out * (c_in - c_out)).to(cf.dtype))
-    return out.reshape(B, H, W, C)
+    crossings = scan_crossings(sx, sy, bi, ei, topo, H, W)
+    if crossings is None:
+        return color
+    pairs = nearest_per_pixel_pair(crossings, dx, dy, sz, rast, topo, B, H, W)
+    if pairs.win.numel() == 0:
+        return color
+    return blend(color, crossings, pairs, sx, sy, topo)

@@ -16,10 +16,8 @@ from .antialias import antialias as edge_antialias
 from .antialias import edge_topology
 from .cameras import Cameras
 from .raster_torch import interpolate_covered
+from ..config import BACKENDS, SHADINGS
 from .shading import clay, facing_camera, normal_colors, vertex_normals, vertex_normals_camera
-
-SHADINGS = ("clay", "normals", "silhouette")
-BACKENDS = ("auto", "torch", "nvdiffrast")
 
 
 def get_backend(name: str = "auto", device=None):
