@@ -98,6 +98,43 @@ def log_odds_from_hidden(hidden: torch.Tensor, lm_head, yes_id: int, no_id: int)
     return r
 
 
+_ANSWER_START = "<|im_start|>assistant\n"
+
+
+def check_answer_position(processor, name_or_path: str = "") -> None:
+    """Refuse checkpoints whose answer does not begin right after ``<|im_start|>assistant\n``.
+
+    The reward is read at the first answer position, so the generation prompt must end there.
+    Qwen3-VL "Thinking" checkpoints open their answer with a ``<think>`` block (their chat template
+    appends ``<think>\n`` to the generation prompt, and even without it they first think), so their
+    first token is not Yes/No. Raises ValueError naming the problem and the fix (an Instruct
+    checkpoint).
+    """
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Is it? Answer Yes or No."}]}]
+    rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tail = rendered.rsplit(_ANSWER_START, 1)
+    thinking = "thinking" in str(name_or_path).replace("\\", "/").rstrip("/").split("/")[-1].lower()
+    if len(tail) == 2 and tail[1].strip() == "" and not thinking:
+        return
+    if thinking or (len(tail) == 2 and "<think>" in tail[1]):
+        raise ValueError(
+            f"{name_or_path or 'this checkpoint'} is a 'Thinking' checkpoint: it begins its answer with a "
+            "<think> block, so the first answer token is not Yes/No and the critic cannot read its reward; "
+            "use the Instruct variant (e.g. Qwen/Qwen3-VL-8B-Instruct)")
+    raise ValueError(
+        f"the chat template's generation prompt does not end with {_ANSWER_START!r} (it ends with "
+        f"{rendered[-40:]!r}); the critic reads Yes/No at the first answer position, so it needs a "
+        "Qwen-VL Instruct template")
+
+
+def _load_model(auto_cls, model_id_or_path, device, kwargs: dict):
+    """Load the weights straight onto ``device`` (``device_map``), so a 7B checkpoint does not first
+    fill host RAM; a caller's own ``device_map`` (e.g. "auto" over several GPUs) is kept."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("device_map", {"": str(torch.device(device))})
+    return auto_cls.from_pretrained(model_id_or_path, **kwargs)
+
+
 class VLMCritic:
     """A frozen Qwen-VL model used as a differentiable Yes/No critic.
 
@@ -131,6 +168,7 @@ class VLMCritic:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise ValueError("the processor has no chat template; the critic renders messages with the checkpoint's own")
+        check_answer_position(processor, getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", ""))
 
         model.requires_grad_(False)
         model.eval()
@@ -192,8 +230,9 @@ class VLMCritic:
         kwargs["dtype"] = _resolve_dtype(dtype, device)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, **kwargs).to(device)
         processor = AutoProcessor.from_pretrained(model_id_or_path)
+        check_answer_position(processor, str(model_id_or_path))  # before any weight is loaded
+        model = _load_model(AutoModelForImageTextToText, model_id_or_path, device, kwargs)
         return cls(model, processor, query=query, reward_mode=reward_mode,
                    activation_checkpointing=activation_checkpointing)
 
