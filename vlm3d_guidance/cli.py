@@ -782,7 +782,7 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
             run_warnings.append("the baseline sample has no surface: baseline mesh not written")
 
     view_kw = dict(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, size=s["sheet_size"],
-                   device=devices["device"], backend=cfg.backend)
+                   device=devices["device"], backend=cfg.backend, fill=cfg.fill)
     rows = []
     if baseline is not None:
         rows.append((f"baseline (lam=0)  r={_fmt(final.get('baseline'))}", outputs.render_mesh_views(base_mesh, **view_kw)))

@@ -285,7 +285,7 @@ class GuidedHunyuanPipeline:
                 x0[b:b + 1] if not full else x0[b:b + 1].detach(), pipe.vae, self.critic, prompts[b], cameras,
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
-                num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine)
+                num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill)
             grad = result.gradient
             if grad is not None and full:
                 with timed(record.seconds, "dit_backward", z.device):
@@ -321,7 +321,8 @@ class GuidedHunyuanPipeline:
                 latents[b:b + 1].detach().float(), self.pipeline.vae, self.critic, prompts[b], cameras,
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
-                num_chunks=num_chunks, seconds={}, want_gradient=False, coarse_to_fine=cfg.coarse_to_fine)
+                num_chunks=num_chunks, seconds={}, want_gradient=False, coarse_to_fine=cfg.coarse_to_fine,
+                fill=cfg.fill)
             rewards.append(result.reward)
         return rewards
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..geometry import decode_surface
-from ..render import render_views
+from ..render import fit_to_points, render_views
 
 STAGES = ("dit", "decode", "render", "critic_forward", "critic_backward", "render_backward",
           "decode_backward", "dit_backward")
@@ -81,13 +81,14 @@ class RewardResult:
     gradient: torch.Tensor | None
     skipped: str | None
     images: torch.Tensor | None = None
+    cameras: object = None
 
 
 def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, box_v: float,
                         mc_level: float, grid_resolution: int, render_size: int, shading: str,
                         backend: str, num_chunks: int, seconds: dict,
                         want_gradient: bool = True, keep_images: bool = False,
-                        coarse_to_fine: bool = False) -> RewardResult:
+                        coarse_to_fine: bool = False, fill: float | None = None) -> RewardResult:
     """The critic's reward of one clean latent and its gradient w.r.t. that latent.
 
     Args:
@@ -100,6 +101,9 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         want_gradient: False computes the reward only (no graph is kept).
         coarse_to_fine: decode the guidance grid only near the surface (see
             :func:`~vlm3d_guidance.geometry.decode_surface`).
+        fill: fit ``cameras`` to this step's mesh (:func:`~vlm3d_guidance.render.fit_to_points`,
+            from the vertices without gradient) so the object spans ``fill`` of every view; None
+            renders with ``cameras`` as given. The cameras used are returned in the result.
 
     Returns:
         :class:`RewardResult`; ``skipped`` is "empty surface", "non-finite reward" or
@@ -118,6 +122,8 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         # Render in float32 at least (float64 stays float64: exact gradient checks need it).
         verts_in = verts.detach().to(torch.promote_types(verts.dtype, torch.float32))
         verts_in.requires_grad_(want_gradient)
+        if fill is not None:
+            cameras = fit_to_points(cameras, verts_in.detach(), fill)
         with timed(seconds, "render", device):
             images = render_views(verts_in, faces, cameras, size=render_size, shading=shading,
                                   backend=backend)
@@ -127,9 +133,9 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         value = float(reward.detach())
         kept = images.detach() if keep_images else None
         if not math.isfinite(value):
-            return RewardResult(None, None, "non-finite reward", kept)
+            return RewardResult(None, None, "non-finite reward", kept, cameras)
         if not want_gradient:
-            return RewardResult(value, None, None, kept)
+            return RewardResult(value, None, None, kept, cameras)
         with timed(seconds, "critic_backward", device):
             (g_images,) = torch.autograd.grad(reward, images_in)
         with timed(seconds, "render_backward", device):
@@ -137,8 +143,8 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         with timed(seconds, "decode_backward", device):
             (g_x0,) = torch.autograd.grad(verts, leaf, g_verts.to(verts.dtype), allow_unused=True)
     if g_x0 is None or not torch.isfinite(g_x0).all():
-        return RewardResult(value, None, "non-finite gradient", kept)
-    return RewardResult(value, g_x0, None, kept)
+        return RewardResult(value, None, "non-finite gradient", kept, cameras)
+    return RewardResult(value, g_x0, None, kept, cameras)
 
 
 def normalized_update(gradient: torch.Tensor, lam: float, normalize: str, clip: float | None) -> torch.Tensor:
