@@ -67,8 +67,8 @@ DEFAULTS = dict(
     render_size=448,
     shading="clay",
     backend="auto",
-    grid_resolution=64,
-    coarse_to_fine=False,
+    grid_resolution=128,
+    coarse_to_fine=True,
     octree_resolution=384,
     mc_level=0.0,
     num_chunks=8000,
@@ -745,11 +745,9 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
                             config=cfg.replace(lam=0.0), **call)
             seconds["baseline"] = time.perf_counter() - t
         t = time.perf_counter()
-        final = {"guided": pipe.reward_of_latents(guided.latents, used_prompt, mc_level=s["mc_level"],
-                                                  num_chunks=s["num_chunks"])[0]}
+        final = {"guided": guided.final_reward[0]}  # the critic's reward of the exported mesh
         if baseline is not None:
-            final["baseline"] = pipe.reward_of_latents(baseline.latents, used_prompt, mc_level=s["mc_level"],
-                                                       num_chunks=s["num_chunks"])[0]
+            final["baseline"] = baseline.final_reward[0]
         seconds["final_reward"] = time.perf_counter() - t
     run_warnings = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     if not quiet:
@@ -868,7 +866,7 @@ def run_single(argv: list) -> int:
         raise _RunFailed(str(exc)) from None
     if not quiet:
         rewards = ", ".join(f"{k} {_fmt(v)}" for k, v in config["final_reward"].items())
-        print(f"final critic reward: {rewards}  (prompt: {_short(config['prompt'], 60)!r})")
+        print(f"final critic reward (exported mesh): {rewards}  (prompt: {_short(config['prompt'], 60)!r})")
         for name in config["outputs"]:
             print(f"wrote {out / name}")
     return 0
