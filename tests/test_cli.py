@@ -156,7 +156,7 @@ def test_compare_then_eval_then_repeat_from_config(tmp_path, cli_env, capsys, mo
     assert shown and shown[-1] == f"{last:+.3f}", res.stderr[-2000:]
     g, b = config["final_reward"]["guided"], config["final_reward"]["baseline"]
     assert res.stdout.splitlines() == [
-        f"final critic reward: guided {g:+.3f}, baseline {b:+.3f}  (prompt: {prompt!r})",
+        f"final critic reward (exported mesh): guided {g:+.3f}, baseline {b:+.3f}  (prompt: {prompt!r})",
         *[f"wrote {Path(out_arg) / name}" for name in config["outputs"]]]
     base = trimesh.load(out / "baseline.obj", force="mesh")
     guided = trimesh.load(out / "mesh.obj", force="mesh")

@@ -144,23 +144,6 @@ def test_rewards_of_every_batch_item(hunyuan_root, critic):
         out.rewards(2)
 
 
-def test_guidance_raises_final_reward_for_most_seeds(hunyuan_root, critic):
-    _, guided = _pipes("standard", hunyuan_root, critic)  # the default lam (0.02, rms-normalised)
-    prompt = "a red box"
-    wins, deltas = 0, []
-    seeds = range(8)
-    for seed in seeds:
-        kw = dict(image=_image(seed), prompt=prompt, output_type="latent", **CALL)
-        base = guided(generator=torch.manual_seed(seed), lam=0.0, **kw)
-        steered = guided(generator=torch.manual_seed(seed), **kw)
-        r_base, = guided.reward_of_latents(base, prompt)
-        r_steered, = guided.reward_of_latents(steered, prompt)
-        deltas.append(r_steered - r_base)
-        wins += r_steered > r_base
-    print(f"\nguided final reward higher for {wins}/{len(seeds)} seeds; deltas {np.round(deltas, 4).tolist()}")
-    assert wins >= 6
-
-
 def _float64_setup(hunyuan_root, critic_path_root):
     pipe = load_tiny_hunyuan_pipeline("standard", root=hunyuan_root, dtype=torch.float64)
     path = build_tiny_qwen("qwen2_5_vl", root=critic_path_root)
@@ -207,7 +190,7 @@ def test_x0_gradient_matches_finite_differences(hunyuan_root, tmp_path):
 
 def test_full_gradient_matches_finite_differences(hunyuan_root, tmp_path):
     pipe, critic64 = _float64_setup(hunyuan_root, tmp_path)
-    guided = GuidedHunyuanPipeline(pipe, critic64, GuidanceConfig(gradient="full", normalize="none", lam=1.0,
+    guided = GuidedHunyuanPipeline(pipe, critic64, GuidanceConfig(gradient="full", normalize="none", lam=1.0, fill=None,
                                                                     backend="torch", **{**FAST, "grid_resolution": 20}))
     # One real step's inputs: conditioning of a reference image, the stock sigma schedule.
     with torch.inference_mode():

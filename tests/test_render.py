@@ -40,20 +40,8 @@ def coverage(v, f, cams, size, **kw):
     return render_views(v, f, cams, size=size, shading="silhouette", backend="torch", **kw)[:, 0].sum()
 
 
-def test_orbit_cameras():
-    cams = orbit_cameras(num_views=4, elevation=20.0, fov=40.0)
-    assert len(cams) == 4 and cams.view.shape == (4, 4, 4) and cams.proj.shape == (4, 4, 4)
-    d = 1.01 * math.sqrt(3) / math.sin(math.radians(20))
-    assert torch.allclose(cams.eye.norm(dim=1), torch.full((4,), d))
-    assert torch.allclose(cams.eye[0], torch.tensor([0.0, d * math.sin(math.radians(20)), d * math.cos(math.radians(20))]))
-    assert torch.allclose(cams.eye[1, 0], torch.tensor(d * math.cos(math.radians(20))))  # azimuth 90 -> +x
-    clip = cams.to_clip(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.5, 0.0]]))
-    ndc = clip[..., :3] / clip[..., 3:]
-    assert ndc[:, 0, :2].abs().max() < 1e-6  # every camera looks at the origin
-    assert (ndc[:, 1, 1] > 0.05).all()  # +y is up in every view
-    # the bounding sphere of the box exactly fills the vertical fov
-    half = math.tan(math.radians(20)) * d
-    assert half > 1.01 * math.sqrt(3)
+# The orbit cameras' geometry (eyes, look-at, up, the circumsphere touching the image edges) and the
+# framing fitted to the object are tested in test_framing.py.
 
 
 def test_rasterize_conventions_and_perspective_barycentrics():

@@ -120,23 +120,27 @@ def write_mesh(path: str | os.PathLike, mesh, fmt: str | None = None) -> Path:
 
 
 def render_mesh_views(mesh, num_views: int = 4, elevation: float = 20.0, fov: float = 40.0,
-                      size: int = 256, box_v: float = 1.01, device="cpu", backend: str = "auto"):
+                      size: int = 256, box_v: float = 1.01, device="cpu", backend: str = "auto",
+                      fill: float | None = 0.9):
     """Clay views of ``mesh`` from the critic's orbit: float tensor ``[N, 3, size, size]`` in [0, 1].
 
     The mesh is rendered in its own frame (Hunyuan3D meshes live in ``[-box_v, box_v]^3``) by the
-    same cameras the critic uses during guidance, so a baseline and a guided mesh are comparable.
+    same cameras the critic uses during guidance, fitted to the mesh as the critic's are
+    (``fill``, see :class:`~vlm3d_guidance.config.GuidanceConfig`; None frames the whole box).
     ``None`` or an empty mesh gives ``None``.
     """
     import numpy as np
     import torch
 
-    from .render import orbit_cameras, render_views
+    from .render import fit_to_points, orbit_cameras, render_views
 
     if mesh is None or len(getattr(mesh, "faces", ())) == 0:
         return None
     verts = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)
     faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long, device=device)
     cams = orbit_cameras(num_views=num_views, elevation=elevation, fov=fov, device=device, bounds=box_v)
+    if fill is not None:
+        cams = fit_to_points(cams, verts, fill)
     with torch.no_grad():
         images = render_views(verts, faces, cams, size=size, shading="clay", backend=backend)
     return images.detach().float().clamp(0.0, 1.0).cpu()

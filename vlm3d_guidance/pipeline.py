@@ -27,7 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GuidanceConfig, _positive_int
-from .guidance.step import StepRecord, normalized_update, reward_and_gradient, timed
+from .guidance.step import StepRecord, backward_scaled, normalized_update, reward_and_gradient, timed, zero_share
 from .surgery import _checkpointed, _dit_train_mode
 
 _STOCK_DEFAULTS = dict(
@@ -51,6 +51,10 @@ class GuidedOutput:
         described: True per item when its prompt came from ``critic.describe``.
         config: the resolved :class:`GuidanceConfig`.
         warnings: the warnings raised during the run (each reason once).
+        final_reward: per item, the critic's reward of the EXPORTED mesh (``octree_resolution``,
+            what the user gets), seen through the critic's cameras fitted to it; None where there
+            is no mesh, no critic view could be scored, or ``output_type`` is not "trimesh". The
+            trace's rewards are those of the per-step guidance meshes instead.
     """
 
     meshes: Any
@@ -60,6 +64,7 @@ class GuidedOutput:
     described: list
     config: GuidanceConfig
     warnings: list = field(default_factory=list)
+    final_reward: list = field(default_factory=list)
 
     def rewards(self, item: int | None = None) -> list:
         """The critic's reward per sampling step (None where not computed: step not guided, or skipped).
@@ -160,6 +165,10 @@ class GuidedHunyuanPipeline:
         num_inference_steps = int(num_inference_steps)
         callback_steps = 1 if callback_steps is None else int(callback_steps)
         pipe = self.pipeline
+        if cfg.lam > 0:
+            from .guidance.checks import check_attention_has_backward
+
+            check_attention_has_backward(cfg.gradient)  # sageattention has no backward: fail before work
 
         pipe.set_surface_extractor(mc_algo)
         device, dtype = pipe.device, pipe.dtype
@@ -195,6 +204,8 @@ class GuidedHunyuanPipeline:
         if getattr(pipe.model, "guidance_embed", False) is True:
             guidance = torch.tensor([guidance_scale] * batch_size, device=device, dtype=dtype)
 
+        # the stock marching cubes places the exported surface by R/(R+1); the critic sees it there too
+        export_resolution = int(octree_resolution) if mc_algo in (None, "mc") else None
         cameras = None
         if cfg.lam > 0:
             from .render import orbit_cameras
@@ -226,7 +237,7 @@ class GuidedHunyuanPipeline:
                 if lam > 0:
                     update = self._guidance_update(z, noise_pred, sigma, lam, prompts, cameras, cfg, record,
                                                    box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                                   full=full)
+                                                   full=full, export_resolution=export_resolution)
                 else:
                     record.skipped = ["not scheduled"] * batch_size
 
@@ -257,8 +268,9 @@ class GuidedHunyuanPipeline:
                                   mc_algo, enable_pbar=enable_pbar)
         if not return_dict:
             return meshes
+        final = self.reward_of_meshes(meshes, prompts, config=cfg) if output_type == "trimesh" else [None] * batch_size
         return GuidedOutput(meshes=meshes, latents=latents, trace=trace, prompts=prompts,
-                            described=described, config=cfg, warnings=run_warnings)
+                            described=described, config=cfg, warnings=run_warnings, final_reward=final)
 
     # ------------------------------------------------------------------ checks
     def check_inputs(self, image, prompt=None, num_inference_steps=50, callback=None, callback_steps=None,
@@ -310,7 +322,7 @@ class GuidedHunyuanPipeline:
         return noise_pred
 
     def _guidance_update(self, z, noise_pred, sigma, lam, prompts, cameras, cfg, record, *, box_v,
-                         mc_level, num_chunks, full):
+                         mc_level, num_chunks, full, export_resolution=None):
         """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran."""
         pipe = self.pipeline
         x0 = z + (1.0 - sigma) * noise_pred if full else (z.float() + (1.0 - sigma) * noise_pred.float()).clone()
@@ -320,26 +332,51 @@ class GuidedHunyuanPipeline:
                 x0[b:b + 1] if not full else x0[b:b + 1].detach(), pipe.vae, self.critic, prompts[b], cameras,
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
-                num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine)
+                num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill,
+                export_resolution=export_resolution)
             grad = result.gradient
             if grad is not None and full:
                 with timed(record.seconds, "dit_backward", z.device):
-                    (grad,) = torch.autograd.grad(x0[b:b + 1], z, grad.to(x0.dtype),
-                                                  retain_graph=b + 1 < z.shape[0])
-                    grad = grad[b:b + 1]
+                    grad = backward_scaled(x0[b:b + 1], z, grad.to(x0.dtype), x0.dtype,
+                                           retain_graph=b + 1 < z.shape[0])[b:b + 1]
                 if not torch.isfinite(grad).all():
                     grad, result.skipped = None, "non-finite gradient"
             record.reward.append(result.reward)
             record.skipped.append(result.skipped)
             if grad is None:
                 record.grad_norm.append(None)
+                record.zero_share.append(None)
                 updates.append(torch.zeros_like(z[b:b + 1], dtype=torch.float32).detach())
                 continue
             record.grad_norm.append(float(grad.float().norm()))
+            record.zero_share.append(zero_share(grad))
             updates.append(normalized_update(grad.detach(), lam, cfg.normalize, cfg.clip))
             any_ran = True
         record.guided = any_ran
         return torch.cat(updates).detach() if any_ran else None
+
+    def reward_of_meshes(self, meshes, prompt, *, config: GuidanceConfig | None = None,
+                         box_v: float = 1.01) -> list:
+        """The critic's reward of finished meshes (``trimesh.Trimesh`` or None each): one float or
+        None per mesh, through the critic's cameras fitted to each mesh (``config.fill``)."""
+        from .guidance.step import reward_of_mesh
+        from .render import orbit_cameras
+
+        cfg = config or self.config
+        prompts = [prompt] * len(meshes) if isinstance(prompt, str) else list(prompt)
+        device = self.critic.device if self.critic.device.type != "cpu" else self.pipeline.device
+        cameras = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov,
+                                device=device, bounds=box_v)
+        out = []
+        for mesh, p in zip(meshes, prompts):
+            if mesh is None or len(getattr(mesh, "faces", ())) == 0:
+                out.append(None)
+                continue
+            verts = torch.as_tensor(np.asarray(mesh.vertices), dtype=torch.float32, device=device)
+            faces = torch.as_tensor(np.asarray(mesh.faces), dtype=torch.long, device=device)
+            out.append(reward_of_mesh(verts, faces, self.critic, p, cameras, render_size=cfg.render_size,
+                                      shading=cfg.shading, backend=cfg.backend, fill=cfg.fill))
+        return out
 
     def reward_of_latents(self, latents: torch.Tensor, prompt, *, box_v: float = 1.01, mc_level: float = 0.0,
                           config: GuidanceConfig | None = None, num_chunks: int = 8000) -> list:
@@ -356,7 +393,8 @@ class GuidedHunyuanPipeline:
                 latents[b:b + 1].detach().float(), self.pipeline.vae, self.critic, prompts[b], cameras,
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
-                num_chunks=num_chunks, seconds={}, want_gradient=False, coarse_to_fine=cfg.coarse_to_fine)
+                num_chunks=num_chunks, seconds={}, want_gradient=False, coarse_to_fine=cfg.coarse_to_fine,
+                fill=cfg.fill)
             rewards.append(result.reward)
         return rewards
 

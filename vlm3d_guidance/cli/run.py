@@ -121,11 +121,9 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
                             config=cfg.replace(lam=0.0), **call)
             seconds["baseline"] = time.perf_counter() - t
         t = time.perf_counter()
-        final = {"guided": pipe.reward_of_latents(guided.latents, used_prompt, mc_level=s["mc_level"],
-                                                  num_chunks=s["num_chunks"])[0]}
+        final = {"guided": guided.final_reward[0]}  # the critic's reward of the exported mesh
         if baseline is not None:
-            final["baseline"] = pipe.reward_of_latents(baseline.latents, used_prompt, mc_level=s["mc_level"],
-                                                       num_chunks=s["num_chunks"])[0]
+            final["baseline"] = baseline.final_reward[0]
         seconds["final_reward"] = time.perf_counter() - t
     run_warnings = list(dict.fromkeys(str(w.message).splitlines()[0] for w in caught))
     if not quiet:
@@ -158,7 +156,7 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
             run_warnings.append("the baseline sample has no surface: baseline mesh not written")
 
     view_kw = dict(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, size=s["sheet_size"],
-                   device=devices["device"], backend=cfg.backend)
+                   device=devices["device"], backend=cfg.backend, fill=cfg.fill)
     rows = []
     if baseline is not None:
         rows.append((f"baseline (lam=0)  r={_fmt(final.get('baseline'))}", outputs.render_mesh_views(base_mesh, **view_kw)))
@@ -232,7 +230,7 @@ def run_single(argv: list) -> int:
         raise _RunFailed(str(exc)) from None
     if not quiet:
         rewards = ", ".join(f"{k} {_fmt(v)}" for k, v in config["final_reward"].items())
-        print(f"final critic reward: {rewards}  (prompt: {_short(config['prompt'], 60)!r})")
+        print(f"final critic reward (exported mesh): {rewards}  (prompt: {_short(config['prompt'], 60)!r})")
         for name in config["outputs"]:
             print(f"wrote {out / name}")
     return 0

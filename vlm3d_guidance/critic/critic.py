@@ -69,6 +69,62 @@ def _resolve_dtype(dtype, device):
     return dtype
 
 
+def log_odds_from_hidden(hidden: torch.Tensor, lm_head, yes_id: int, no_id: int) -> torch.Tensor:
+    """``r = z_yes - z_no`` (0-d) from a final hidden state ``[D]`` and an ``nn.Linear`` ``lm_head``.
+
+    Computed as ``(W[yes] - W[no]) @ h (+ b[yes] - b[no])`` in ``promote(dtype, float32)``: the two
+    weight rows and the hidden state are cast up first (the difference of two bf16 rows is exact in
+    float32), so a bf16 model's reward is resolved to float32 round-off of the product instead of
+    being quantised like bf16 logits (a step of 0.125 at |z| in [16, 32)). Differentiable with
+    respect to ``hidden``.
+    """
+    out_dtype = torch.promote_types(hidden.dtype, torch.float32)
+    w = lm_head.weight
+    diff = w[yes_id].to(out_dtype) - w[no_id].to(out_dtype)  # [D]
+    r = diff @ hidden.to(out_dtype)
+    bias = getattr(lm_head, "bias", None)
+    if bias is not None:
+        r = r + (bias[yes_id].to(out_dtype) - bias[no_id].to(out_dtype))
+    return r
+
+
+_ANSWER_START = "<|im_start|>assistant\n"
+
+
+def check_answer_position(processor, name_or_path: str = "") -> None:
+    """Refuse checkpoints whose answer does not begin right after ``<|im_start|>assistant\n``.
+
+    The reward is read at the first answer position, so the generation prompt must end there.
+    Qwen3-VL "Thinking" checkpoints open their answer with a ``<think>`` block (their chat template
+    appends ``<think>\n`` to the generation prompt, and even without it they first think), so their
+    first token is not Yes/No. Raises ValueError naming the problem and the fix (an Instruct
+    checkpoint).
+    """
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Is it? Answer Yes or No."}]}]
+    rendered = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    tail = rendered.rsplit(_ANSWER_START, 1)
+    thinking = "thinking" in str(name_or_path).replace("\\", "/").rstrip("/").split("/")[-1].lower()
+    if len(tail) == 2 and tail[1].strip() == "" and not thinking:
+        return
+    if thinking or (len(tail) == 2 and "<think>" in tail[1]):
+        raise ValueError(
+            f"{name_or_path or 'this checkpoint'} is a 'Thinking' checkpoint: it begins its answer with a "
+            "<think> block, so the first answer token is not Yes/No and the critic cannot read its reward; "
+            "use the Instruct variant (e.g. Qwen/Qwen3-VL-8B-Instruct)")
+    raise ValueError(
+        f"the chat template's generation prompt does not end with {_ANSWER_START!r} (it ends with "
+        f"{rendered[-40:]!r}); the critic reads Yes/No at the first answer position, so it needs a "
+        "Qwen-VL Instruct template")
+
+
+def _load_model(auto_cls, model_id_or_path, device, kwargs: dict):
+    """Load the weights straight onto ``device`` (``device_map``), so a 7B checkpoint does not first
+    fill host RAM; a caller's own ``device_map`` (e.g. "auto" over several GPUs) is kept."""
+    kwargs = dict(kwargs)
+    kwargs.setdefault("device_map", {"": str(torch.device(device))})
+    return auto_cls.from_pretrained(model_id_or_path, **kwargs)
+
+
 class VLMCritic:
     """A frozen Qwen-VL model used as a differentiable Yes/No critic.
 
@@ -102,6 +158,7 @@ class VLMCritic:
         self.tokenizer = getattr(processor, "tokenizer", processor)
         if getattr(self.tokenizer, "chat_template", None) is None and getattr(processor, "chat_template", None) is None:
             raise ValueError("the processor has no chat template; the critic renders messages with the checkpoint's own")
+        check_answer_position(processor, getattr(model.config, "_name_or_path", "") or getattr(model, "name_or_path", ""))
 
         model.requires_grad_(False)
         model.eval()
@@ -162,8 +219,9 @@ class VLMCritic:
         kwargs["dtype"] = _resolve_dtype(dtype, device)
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        model = AutoModelForImageTextToText.from_pretrained(model_id_or_path, **kwargs).to(device)
         processor = AutoProcessor.from_pretrained(model_id_or_path)
+        check_answer_position(processor, str(model_id_or_path))  # before any weight is loaded
+        model = _load_model(AutoModelForImageTextToText, model_id_or_path, device, kwargs)
         return cls(model, processor, query=query, reward_mode=reward_mode,
                    activation_checkpointing=activation_checkpointing)
 
@@ -263,23 +321,27 @@ class VLMCritic:
         with self._mode():
             return self.model.get_image_features(pixel_values, grid_thw, return_dict=True)
 
-    def _yes_no_logits(self, pixel_values, grid_thw, input_ids, mm_token_type_ids, image_features=None) -> torch.Tensor:
-        """``[2]`` logits (Yes, No) at the last position, in float32 (float64 for float64 models)."""
+    def _log_odds(self, pixel_values, grid_thw, input_ids, mm_token_type_ids, image_features=None) -> torch.Tensor:
+        """0-d ``z_yes - z_no`` at the last position, in float32 (float64 for float64 models).
+
+        Computed from the language model's final hidden state ``[D]`` (after its last norm) and
+        the two ``lm_head`` rows in float32 (:func:`log_odds_from_hidden`), not read off the
+        full-vocabulary logits, which a bf16 model returns in bf16 (a step of 0.125 at |z| in
+        [16, 32)); also two rows instead of the whole vocabulary.
+        """
         images = (dict(mm_encoder_outputs={"image": image_features}) if image_features is not None
                   else dict(pixel_values=pixel_values))
         with self._mode():
-            out = self.model(
+            out = self.model.model(
                 input_ids=input_ids,
                 attention_mask=torch.ones_like(input_ids),
                 image_grid_thw=grid_thw,
                 mm_token_type_ids=mm_token_type_ids,
                 use_cache=False,
-                logits_to_keep=1,
                 **images,
             )
-        last = out.logits[0, -1]
-        out_dtype = torch.promote_types(last.dtype, torch.float32)
-        return last[[self.yes_id, self.no_id]].to(out_dtype)
+        hidden = out.last_hidden_state[0, -1]  # [D], the model's dtype
+        return log_odds_from_hidden(hidden, self.model.lm_head, self.yes_id, self.no_id)
 
     def _rewards(self, images: torch.Tensor, prompt: str):
         """Per-query ``(name, weight, reward 0-d, p_yes float)`` on the model device."""
@@ -293,8 +355,7 @@ class VLMCritic:
         features = self._image_features(pixel_values, grid_thw)
         out = []
         for q, (input_ids, mm) in zip(self.queries, prompts):
-            z_yes, z_no = self._yes_no_logits(pixel_values, grid_thw, input_ids, mm, features)
-            logit = z_yes - z_no
+            logit = self._log_odds(pixel_values, grid_thw, input_ids, mm, features)
             r = logit if self.reward_mode == "logit" else torch.tanh(logit / 2)
             out.append((q.name, q.weight, r, float(torch.sigmoid(logit.detach()))))
         return out
@@ -340,4 +401,4 @@ class VLMCritic:
                 f"activation_checkpointing={self.activation_checkpointing})")
 
 
-__all__ = ["VLMCritic", "CriticScore", "SUPPORTED_FAMILIES", "REWARD_MODES"]
+__all__ = ["VLMCritic", "CriticScore", "SUPPORTED_FAMILIES", "REWARD_MODES", "log_odds_from_hidden"]

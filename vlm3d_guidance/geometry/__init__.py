@@ -7,7 +7,7 @@
 """
 
 from .decode import decode_field, decode_surface
-from .grid import FieldGrid
+from .grid import FieldGrid, as_stock_export
 from .marching_cubes import MCTopology, extract_topology, marching_cubes
 
-__all__ = ["FieldGrid", "MCTopology", "extract_topology", "marching_cubes", "decode_field", "decode_surface"]
+__all__ = ["FieldGrid", "as_stock_export", "MCTopology", "extract_topology", "marching_cubes", "decode_field", "decode_surface"]

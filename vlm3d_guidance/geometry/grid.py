@@ -97,3 +97,12 @@ class FieldGrid:
         """Flat indices -> integer ``[..., 3]`` grid indices (inverse of :meth:`linear_index`)."""
         n = self.num_points
         return torch.stack([flat // (n * n), (flat // n) % n, flat % n], dim=-1)
+
+
+def as_stock_export(verts: torch.Tensor, octree_resolution: int, box_v: float = 1.01) -> torch.Tensor:
+    """Where hy3dgen's stock ``MCSurfaceExtractor`` puts a surface point that lies at ``verts``
+    (``[V, 3]`` world): ``-box_v + (verts + box_v) * R / (R + 1)`` with ``R = octree_resolution``
+    (its ``idx / (R + 1)`` mapping, see the module note). Applied to the guidance mesh, the critic
+    sees the object where the exported mesh will be (differentiable, an affine map)."""
+    r = int(octree_resolution)
+    return (verts + box_v) * (r / (r + 1.0)) - box_v

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..geometry import decode_surface
-from ..render import render_views
+from ..geometry import as_stock_export, decode_surface
+from ..render import fit_to_points, render_views
 
 STAGES = ("dit", "decode", "render", "critic_forward", "critic_backward", "render_backward",
           "decode_backward", "dit_backward")
@@ -33,6 +33,8 @@ class StepRecord:
         reward: the critic's reward of the clean-latent estimate, one float per batch item
             (None for items where it could not be computed).
         grad_norm: L2 norm of the raw gradient d r / d latent, one per batch item (None if none).
+        zero_share: share of that gradient's entries that are exactly 0, one per batch item (None
+            if none): a share near 1 means the backward underflowed or is cut somewhere.
         guided: True when a guidance update was added to the step for at least one item.
         skipped: why guidance did not run, per batch item (None where it ran): "not scheduled"
             (lambda is 0 at this step: outside the window, between ``every`` steps, or the
@@ -47,13 +49,14 @@ class StepRecord:
     lam: float
     reward: list = field(default_factory=list)
     grad_norm: list = field(default_factory=list)
+    zero_share: list = field(default_factory=list)
     guided: bool = False
     skipped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return dict(step=self.step, sigma=self.sigma, lam=self.lam, reward=self.reward,
-                    grad_norm=self.grad_norm, guided=self.guided, skipped=self.skipped,
+                    grad_norm=self.grad_norm, zero_share=self.zero_share, guided=self.guided, skipped=self.skipped,
                     seconds=self.seconds)
 
 
@@ -70,6 +73,39 @@ def timed(seconds: dict, name: str, device: torch.device | None = None):
         seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
 
 
+def backward_scaled(output: torch.Tensor, inputs: torch.Tensor, grad_output: torch.Tensor,
+                    low_dtype: torch.dtype, target: float = 256.0, **kwargs) -> torch.Tensor:
+    """``d <output, grad_output> / d inputs`` through a network that runs in ``low_dtype``.
+
+    In float16 a small ``grad_output`` (a reward's gradient at a vertex is often ~1e-6) underflows
+    inside the network's backward. So it is first multiplied by a power of two ``s`` that brings
+    its largest entry to ``(target / 2, target]``, and the result divided by ``s`` in float32 or
+    wider (exact: powers of two); if that overflows, once more with ``s / 2^12``. Any other dtype
+    runs unscaled. Under RMS normalisation the scale cancels anyway; this keeps the raw gradient
+    right too. ``kwargs`` go to ``torch.autograd.grad`` (e.g. ``retain_graph``).
+    """
+    def wide(g, scale):
+        return None if g is None else g.to(torch.promote_types(g.dtype, torch.float32)) / scale
+
+    peak = float(grad_output.detach().abs().max()) if grad_output.numel() else 0.0
+    if low_dtype != torch.float16 or not math.isfinite(peak) or peak == 0.0:
+        (g,) = torch.autograd.grad(output, inputs, grad_output, allow_unused=True, **kwargs)
+        return wide(g, 1.0)
+    scale = 2.0 ** (math.ceil(math.log2(target)) - math.ceil(math.log2(peak)))
+    keep = bool(kwargs.pop("retain_graph", False))
+    (g,) = torch.autograd.grad(output, inputs, grad_output * scale, allow_unused=True, retain_graph=True, **kwargs)
+    if g is not None and not bool(torch.isfinite(g).all()):
+        scale /= 4096.0
+        (g,) = torch.autograd.grad(output, inputs, grad_output * scale, allow_unused=True, retain_graph=keep,
+                                   **kwargs)
+    return wide(g, scale)
+
+
+def zero_share(gradient: torch.Tensor) -> float:
+    """Share of exactly-zero entries of ``gradient``."""
+    return float((gradient == 0).float().mean())
+
+
 @dataclass
 class RewardResult:
     """Reward and gradient of one batch item's clean latent.
@@ -81,13 +117,15 @@ class RewardResult:
     gradient: torch.Tensor | None
     skipped: str | None
     images: torch.Tensor | None = None
+    cameras: object = None
 
 
 def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, box_v: float,
                         mc_level: float, grid_resolution: int, render_size: int, shading: str,
                         backend: str, num_chunks: int, seconds: dict,
                         want_gradient: bool = True, keep_images: bool = False,
-                        coarse_to_fine: bool = False) -> RewardResult:
+                        coarse_to_fine: bool = False, fill: float | None = None,
+                        export_resolution: int | None = None) -> RewardResult:
     """The critic's reward of one clean latent and its gradient w.r.t. that latent.
 
     Args:
@@ -100,6 +138,13 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         want_gradient: False computes the reward only (no graph is kept).
         coarse_to_fine: decode the guidance grid only near the surface (see
             :func:`~vlm3d_guidance.geometry.decode_surface`).
+        fill: fit ``cameras`` to this step's mesh (:func:`~vlm3d_guidance.render.fit_to_points`,
+            from the vertices without gradient) so the object spans ``fill`` of every view; None
+            renders with ``cameras`` as given. The cameras used are returned in the result.
+        export_resolution: the exported mesh's ``octree_resolution`` when hy3dgen's stock
+            marching cubes makes it: the guidance mesh is then placed where that export puts the
+            surface (:func:`~vlm3d_guidance.geometry.as_stock_export`, which shrinks by R/(R+1)
+            towards ``-box_v``), so the critic's views match the export; None renders it as decoded.
 
     Returns:
         :class:`RewardResult`; ``skipped`` is "empty surface", "non-finite reward" or
@@ -118,8 +163,11 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         # Render in float32 at least (float64 stays float64: exact gradient checks need it).
         verts_in = verts.detach().to(torch.promote_types(verts.dtype, torch.float32))
         verts_in.requires_grad_(want_gradient)
+        placed = verts_in if export_resolution is None else as_stock_export(verts_in, export_resolution, box_v)
+        if fill is not None:
+            cameras = fit_to_points(cameras, placed.detach(), fill)
         with timed(seconds, "render", device):
-            images = render_views(verts_in, faces, cameras, size=render_size, shading=shading,
+            images = render_views(placed, faces, cameras, size=render_size, shading=shading,
                                   backend=backend)
         images_in = images.detach().requires_grad_(want_gradient)
         with timed(seconds, "critic_forward", device):
@@ -127,18 +175,42 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         value = float(reward.detach())
         kept = images.detach() if keep_images else None
         if not math.isfinite(value):
-            return RewardResult(None, None, "non-finite reward", kept)
+            return RewardResult(None, None, "non-finite reward", kept, cameras)
         if not want_gradient:
-            return RewardResult(value, None, None, kept)
+            return RewardResult(value, None, None, kept, cameras)
         with timed(seconds, "critic_backward", device):
             (g_images,) = torch.autograd.grad(reward, images_in)
         with timed(seconds, "render_backward", device):
             (g_verts,) = torch.autograd.grad(images, verts_in, g_images)
         with timed(seconds, "decode_backward", device):
-            (g_x0,) = torch.autograd.grad(verts, leaf, g_verts.to(verts.dtype), allow_unused=True)
+            g_x0 = backward_scaled(verts, leaf, g_verts.to(verts.dtype), vae_dtype)
+            if g_x0 is not None:
+                g_x0 = g_x0.to(leaf.dtype)
     if g_x0 is None or not torch.isfinite(g_x0).all():
-        return RewardResult(value, None, "non-finite gradient", kept)
-    return RewardResult(value, g_x0, None, kept)
+        return RewardResult(value, None, "non-finite gradient", kept, cameras)
+    return RewardResult(value, g_x0, None, kept, cameras)
+
+
+@torch.no_grad()
+def reward_of_mesh(verts: torch.Tensor, faces: torch.Tensor, critic, prompt: str, cameras, *,
+                   render_size: int, shading: str, backend: str, fill: float | None) -> float | None:
+    """The critic's reward of one finished mesh (e.g. the exported one), as the critic would see it
+    during guidance: the same cameras, fitted to this mesh when ``fill`` is set, the same shading.
+
+    Args:
+        verts: ``[V, 3]`` world coordinates; faces: ``[F, 3]`` (either winding: shading is two-sided).
+
+    Returns:
+        the reward as a float, or None for an empty mesh or a non-finite reward.
+    """
+    if faces.shape[0] == 0 or verts.shape[0] == 0:
+        return None
+    verts = verts.to(torch.promote_types(verts.dtype, torch.float32))
+    if fill is not None:
+        cameras = fit_to_points(cameras, verts, fill)
+    images = render_views(verts, faces, cameras, size=render_size, shading=shading, backend=backend)
+    value = float(critic.reward(images, prompt))
+    return value if math.isfinite(value) else None
 
 
 def normalized_update(gradient: torch.Tensor, lam: float, normalize: str, clip: float | None) -> torch.Tensor:

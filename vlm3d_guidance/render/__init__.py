@@ -7,10 +7,10 @@
 """
 
 from .antialias import EdgeTopology, antialias, edge_topology
-from .cameras import Cameras, look_at, orbit_cameras, perspective
+from .cameras import Cameras, fit_to_points, look_at, orbit_cameras, perspective, projected_extent
 from .raster_torch import interpolate, rasterize
 from .shading import vertex_normals
 from .views import get_backend, render_views
 
-__all__ = ["Cameras", "orbit_cameras", "look_at", "perspective", "render_views", "get_backend",
+__all__ = ["Cameras", "orbit_cameras", "fit_to_points", "projected_extent", "look_at", "perspective", "render_views", "get_backend",
            "rasterize", "interpolate", "antialias", "edge_topology", "EdgeTopology", "vertex_normals"]

@@ -112,3 +112,52 @@ def orbit_cameras(num_views: int = 4, elevation: float = 20.0, fov: float = 40.0
     far = d + 1.05 * radius
     proj = perspective(fov, near, far, num_views, dtype=torch.float64)
     return Cameras(view, proj, eye, float(fov), near, far).to(device=device, dtype=dtype)
+
+
+def projected_extent(cams: Cameras, points: torch.Tensor) -> torch.Tensor:
+    """``[N, 4]`` NDC bounding box ``(x_min, x_max, y_min, y_max)`` of ``points [P, 3]`` in each view
+    (no gradient). Points must lie in front of the cameras (``w > 0``)."""
+    with torch.no_grad():
+        clip = cams.to_clip(points.detach().to(cams.view.dtype))  # [N, P, 4]
+        w = clip[..., 3]
+        if not bool((w > 0).all()):
+            raise ValueError("some points lie behind a camera; frame points inside the cameras' orbit")
+        ndc = clip[..., :2] / w[..., None]
+        lo, hi = ndc.amin(dim=1), ndc.amax(dim=1)
+        return torch.stack([lo[:, 0], hi[:, 0], lo[:, 1], hi[:, 1]], dim=-1)
+
+
+def fit_to_points(cams: Cameras, points: torch.Tensor, fill: float = 0.9) -> Cameras:
+    """The same cameras with each view's projection cropped to the object: its projected bounding
+    box is centred and its larger side spans ``fill`` of the image (in that view).
+
+    Eyes, view directions and rotations stay those of ``cams`` (so shading and the perspective do not
+    change); only the image window moves and zooms, a pinhole with a shifted principal point and a
+    longer focal length: ``ndc' = a * (ndc - m)`` with ``m`` the box centre and ``a = fill / half
+    its larger side``, i.e. ``proj' = S @ proj``. Computed from ``points`` (e.g. the mesh vertices)
+    without gradient: the reward's gradient is taken with the cameras held fixed.
+
+    Args:
+        cams: cameras whose eyes lie outside the object (e.g. :func:`orbit_cameras`).
+        points: ``[P, 3]`` world points of the object, ``P >= 1``.
+        fill: fraction of the image side the larger projected side spans, in (0, 1].
+
+    Returns:
+        new :class:`Cameras` (``fov`` keeps the nominal value of ``cams``).
+    """
+    if not 0.0 < fill <= 1.0:
+        raise ValueError(f"fill must be in (0, 1], got {fill}")
+    if points.ndim != 2 or points.shape[-1] != 3 or points.shape[0] == 0:
+        raise ValueError(f"points must be a non-empty [P, 3] tensor, got shape {tuple(points.shape)}")
+    box = projected_extent(cams, points)  # [N, 4]
+    mx, my = (box[:, 0] + box[:, 1]) / 2, (box[:, 2] + box[:, 3]) / 2
+    half = torch.maximum(box[:, 1] - box[:, 0], box[:, 3] - box[:, 2]) / 2
+    half = half.clamp_min(1e-6)  # a single point: any zoom; keep it finite
+    a = fill / half
+    eye4 = torch.eye(4, dtype=cams.proj.dtype, device=cams.proj.device)
+    shift = eye4.repeat(len(cams), 1, 1)
+    shift[:, 0, 3], shift[:, 1, 3] = -mx, -my  # clip.x - m_x * clip.w  ->  ndc.x - m_x
+    crop = eye4.repeat(len(cams), 1, 1)
+    crop[:, 0, 0], crop[:, 1, 1] = a, a  # then zoom: ndc' = a * (ndc - m)
+    proj = crop @ shift @ cams.proj
+    return Cameras(cams.view.clone(), proj, cams.eye.clone(), cams.fov, cams.near, cams.far)
