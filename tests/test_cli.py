@@ -440,6 +440,21 @@ def test_user_mistake_is_one_line_before_loading(case, tmp_path, monkeypatch, ca
     assert "hy3dgen.shapegen.pipelines" not in set(sys.modules) - loaded  # no model code was even imported
 
 
+def test_batch_prompt_too_long_fails_its_job_before_loading(tmp_path, tiny_cache, monkeypatch, capsys):
+    """A manifest line whose prompt the critic's tokenizer counts past the context fails that job (recorded
+    in its error.txt), before any model loads: with no other job, no pipeline is loaded at all."""
+    monkeypatch.setenv("VLM3D_TINY_CACHE", str(tiny_cache))
+    _write_ref(tmp_path / "a.png")
+    manifest = _manifest(tmp_path, json.dumps({"image": "a.png", "prompt": "chair " * 25000}) + "\n")
+    loaded = set(sys.modules)
+    assert main(["batch", str(manifest), "-o", str(tmp_path / "out"), "--tiny", "--quiet"]) == 1
+    first = (tmp_path / "out" / "a" / "error.txt").read_text().splitlines()[0]
+    assert first.startswith("--prompt: the prompt is ") and "longer than the model's context of 4096" in first
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"] == {"done": 0, "failed": 1,
+                                                                                    "pending": 0}
+    assert "hy3dgen.shapegen.pipelines" not in set(sys.modules) - loaded
+
+
 def test_existing_output_needs_overwrite(tmp_path, ref, capsys):
     out = tmp_path / "out"
     out.mkdir()
