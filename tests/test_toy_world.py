@@ -117,3 +117,28 @@ def test_hidden_handle_points_away_from_the_reference_camera():
     offset = parts["handle"] - parts["body"]
     az = math.degrees(math.atan2(offset[0], offset[2]))
     assert abs(((az - 30.0) % 360.0) - 180.0) < 1e-6
+
+
+def test_toy_critic_views_are_the_guided_steps_views(tmp_path):
+    """The toy critic is trained on latent_views(); they must be exactly what the guided step renders."""
+    from vlm3d_guidance.critic import VLMCritic
+    from vlm3d_guidance.guidance.step import reward_and_gradient
+    from vlm3d_guidance.render import orbit_cameras
+    from vlm3d_guidance.tiny import build_tiny_qwen, load_tiny_hunyuan_pipeline
+    from vlm3d_guidance.toy.config import TOY_GUIDANCE
+    from vlm3d_guidance.toy.render_latent import latent_views
+
+    pipe = load_tiny_hunyuan_pipeline("standard", root=tmp_path / "h")
+    critic = VLMCritic.from_pretrained(build_tiny_qwen("qwen2_5_vl", root=tmp_path / "q"))
+    x0 = torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(0))
+    cfg = TOY_GUIDANCE
+    cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01)
+    result = reward_and_gradient(x0, pipe.vae, critic, "a box", cams, box_v=1.01, mc_level=0.0,
+                                 grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
+                                 shading=cfg.shading, backend=cfg.backend, num_chunks=20000, seconds={},
+                                 want_gradient=False, keep_images=True, coarse_to_fine=cfg.coarse_to_fine,
+                                 fill=cfg.fill, export_resolution=64)
+    ours = latent_views(pipe.vae, x0, cfg, export_resolution=64)
+    assert result.images is not None and ours.shape == result.images.shape == (4, 3, 140, 140)
+    assert torch.equal(ours, result.images.clamp(0, 1))
+    assert ours.std() > 0.05  # an object, not an empty frame

@@ -8,6 +8,7 @@ used to decide success.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -130,3 +131,52 @@ def markdown_table(summaries: dict) -> str:
         lines.append(f"| {name} | {s['count']} | {s['failure_rate']:.3f} [{lo:.2f}, {hi:.2f}] | {s['mean_iou']:.3f} | "
                      f"{s['mean_reward']:+.2f} | {s['seconds_per_asset']:.1f} |")
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def record_uphill(pipe):
+    """Record, at every guided step, the reward at the clean estimate before and after the update.
+
+    For each guided batch item: ``r(x0)`` (what the step measured) and ``r(x0 + u)`` with ``u`` the
+    update the step actually applied (x0 mode: the update moves the clean estimate by exactly ``u``).
+    A diagnostic: it costs one extra reward evaluation per guided step. Yields the list it fills
+    with ``(step, r_before, r_after)``.
+    """
+    from ..guidance.step import reward_and_gradient
+
+    steps: list = []
+    original = pipe._guidance_update
+
+    def wrapped(z, noise_pred, sigma, lam, prompts, cameras, cfg, record, **kw):
+        update = original(z, noise_pred, sigma, lam, prompts, cameras, cfg, record, **kw)
+        if update is None or kw.get("full"):
+            return update
+        x0 = z.detach().float() + (1.0 - sigma) * noise_pred.detach().float()
+        for b in range(x0.shape[0]):
+            before = record.reward[b] if b < len(record.reward) else None
+            if before is None:
+                continue
+            after = reward_and_gradient(
+                (x0[b:b + 1] + update[b:b + 1].to(x0.device)), pipe.pipeline.vae, pipe.critic, prompts[b], cameras,
+                box_v=kw["box_v"], mc_level=kw["mc_level"], grid_resolution=cfg.grid_resolution,
+                render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
+                num_chunks=kw["num_chunks"], seconds={}, want_gradient=False,
+                coarse_to_fine=cfg.coarse_to_fine).reward
+            if after is not None:
+                steps.append((record.step, before, after))
+        return update
+
+    pipe._guidance_update = wrapped
+    try:
+        yield steps
+    finally:
+        del pipe._guidance_update  # back to the class's method
+
+
+def uphill_summary(steps) -> dict:
+    """Share of recorded guided steps whose update raised the reward, and the mean change."""
+    if not steps:
+        return dict(count=0, raised=0, share=math.nan, mean_change=math.nan)
+    changes = [after - before for _, before, after in steps]
+    raised = sum(c > 0 for c in changes)
+    return dict(count=len(changes), raised=raised, share=raised / len(changes), mean_change=float(np.mean(changes)))

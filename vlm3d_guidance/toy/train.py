@@ -232,6 +232,7 @@ def _label_description(obj_cls: str, geometry_class: str | None, rng: np.random.
 
 def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, guidance, sizes, log):
     """Stage 4: ``[(images uint8 [N, 3, H, W], description, label, kind)]`` rendered as the guided step does."""
+    from .config import TOY_SAMPLING
     from .render_latent import latent_views
 
     refs = prepare_references(shapes, image_processor)
@@ -259,7 +260,7 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, gu
             geometry = broken.geometry_class if target_broken else obj.geometry_class
             items.append((x0, obj.cls, geometry, f"estimate@{s:.2f}"))
         for x, cls, geometry, kind in items:
-            images = latent_views(vae, x, guidance)
+            images = latent_views(vae, x, guidance, export_resolution=TOY_SAMPLING["octree_resolution"])
             if images is None:
                 continue
             u8 = images.mul(255).round().to(torch.uint8)
