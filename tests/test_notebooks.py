@@ -11,9 +11,9 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 
 
-def test_the_three_examples_exist():
+def test_the_four_examples_exist():
     assert [p.name for p in NOTEBOOKS] == ["01_quickstart.ipynb", "02_baseline_vs_guided.ipynb",
-                                           "03_knobs_and_memory.ipynb"]
+                                           "03_knobs_and_memory.ipynb", "04_toy_world.ipynb"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

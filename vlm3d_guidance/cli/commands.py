@@ -11,4 +11,5 @@ its line below. ``vlm3d-guide serve ...`` then dispatches to it and the usage li
 SUBCOMMANDS = {
     "batch": ("batch", "run_batch", "INPUTS -o OUT [options]"),
     "eval": ("eval", "run_eval", "DIR [options]"),
+    "toy-eval": ("toy_eval", "run_toy_eval", "-o OUT [--count N] [options]"),
 }

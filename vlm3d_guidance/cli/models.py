@@ -117,6 +117,14 @@ def check_hf_model(name: str, what: str, flag: str) -> str:
 def check_models(s: dict) -> dict:
     if s["tiny"]:
         return dict(hunyuan="built-in tiny model", critic="built-in tiny critic")
+    if s.get("toy"):
+        from ..toy.models import verify_weights
+
+        try:
+            verify_weights()
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        return dict(hunyuan="built-in toy generator (trained)", critic="built-in toy critic (trained)")
     if "2.1" in s["model_path"].rstrip("/").split("/")[-1]:
         import importlib.util
 

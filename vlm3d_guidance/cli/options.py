@@ -25,6 +25,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--tiny", action="store_true", default=None,
                    help="use the built-in tiny random-weight models (offline, seconds on CPU; meaningless "
                         "shapes, for trying the tool)")
+    g.add_argument("--toy", action="store_true", default=None,
+                   help="use the trained toy world shipped in the package: a small generator that breaks parts "
+                        "and a critic trained to see it (offline, ~15 s per asset on one CPU thread; without "
+                        "--image a built-in test reference and its prompt)")
     g.add_argument("--model-path", dest="model_path", metavar="PATH",
                    help=f"Hunyuan3D hub repo or local folder ({dflt('model_path')}); looked up in "
                         "$HY3DGEN_MODELS/<path>/<subfolder> first (default ~/.cache/hy3dgen)")

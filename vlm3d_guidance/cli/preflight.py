@@ -68,6 +68,10 @@ def prompt_checker(s: dict):
                 from ..tiny import build_tiny_qwen
 
                 path = build_tiny_qwen("qwen2_5_vl")
+            elif s.get("toy"):
+                from ..toy.models import CRITIC_FOLDER, WEIGHTS_DIR
+
+                path = str(WEIGHTS_DIR / CRITIC_FOLDER)
             else:
                 path = s["critic"]
             state.update(config=AutoConfig.from_pretrained(path), processor=AutoProcessor.from_pretrained(path))
@@ -109,7 +113,7 @@ def resolve_devices(s: dict, env=os.environ) -> dict:
 
     def dtype_of(value, dev, auto_cuda):
         if value == "auto":
-            if s["tiny"]:
+            if s["tiny"] or s.get("toy"):
                 return "float32"
             return auto_cuda if torch.device(dev).type == "cuda" else "float32"
         return DTYPES[str(value).lower()]

@@ -15,9 +15,12 @@ from .models import _local_path, _looks_local, check_models
 from .options import build_parser
 from .preflight import REPORT_FILES, check_backend, check_image, check_output, check_prompt, existing_outputs, \
     prompt_checker, resolve_devices
-from .settings import TINY_NOTICE, check_settings, guidance_config, read_config_file, resolve_settings
+from .common import UsageError
+from .settings import TINY_NOTICE, TOY_NOTICE, check_settings, guidance_config, read_config_file, resolve_settings
 
 DEMO_IMAGE = "builtin:demo"
+TOY_IMAGE = "builtin:toy"
+TOY_DEMO_REFERENCE = 0  # index of the test-split reference --toy uses without --image
 
 
 def demo_image():
@@ -29,6 +32,13 @@ def demo_image():
     rgba[48:208, 72:184, :3] = (176, 112, 56)
     rgba[48:208, 72:184, 3] = 255
     return Image.fromarray(rgba)
+
+
+def toy_reference():
+    """The built-in reference ``--toy`` uses without ``--image`` (a test-split toy object)."""
+    from ..toy import references
+
+    return references("test", count=1, start=TOY_DEMO_REFERENCE)[0]
 
 
 def load_pipeline(s: dict, devices: dict, quiet: bool):
@@ -48,6 +58,14 @@ def load_pipeline(s: dict, devices: dict, quiet: bool):
         critic = VLMCritic.from_pretrained(build_tiny_qwen("qwen2_5_vl"), device=devices["critic_device"],
                                            dtype=critic_dtype, query=s["critic_query"])
         pipe = GuidedHunyuanPipeline(hunyuan, critic, cfg)
+    elif s.get("toy"):
+        from .. import toy
+
+        pipe = toy.load_pipeline(device=devices["device"], config=cfg)
+        if s["critic_query"] != "dual":
+            from ..critic import VLMCritic
+
+            pipe.critic = VLMCritic(pipe.critic.model, pipe.critic.processor, query=s["critic_query"])
     else:
         model_path = _local_path(s["model_path"]) if _looks_local(s["model_path"]) else s["model_path"]
         pipe = GuidedHunyuanPipeline.from_pretrained(
@@ -101,7 +119,8 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
 
     started = time.perf_counter()
     cfg = pipe.config
-    picture = demo_image() if str(image) == DEMO_IMAGE else str(image)
+    picture = demo_image() if str(image) == DEMO_IMAGE else toy_reference().image if str(image) == TOY_IMAGE \
+        else str(image)
     call = dict(num_inference_steps=s["steps"], guidance_scale=s["guidance_scale"],
                 octree_resolution=s["octree_resolution"], mc_level=s["mc_level"], num_chunks=s["num_chunks"],
                 enable_pbar=not quiet, return_dict=True)
@@ -186,7 +205,7 @@ def run_job(pipe, s: dict, devices: dict, image: Path, prompt: str | None, seed:
         model_path=s["model_path"], subfolder=s["subfolder"], critic_model=s["critic"], tiny=s["tiny"],
         settings={**s, "seed": seed}, resolved=devices, guidance=cfg.to_dict(), final_reward=final,
         outputs=written + ["config.json"], warnings=run_warnings, seconds=seconds,
-        notice=TINY_NOTICE.split(": ", 1)[1] if s["tiny"] else None,
+        notice=TINY_NOTICE.split(": ", 1)[1] if s["tiny"] else TOY_NOTICE.split(": ", 1)[1] if s.get("toy") else None,
         finished=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         **(extra or {}),
     )
@@ -205,6 +224,9 @@ def run_single(argv: list) -> int:
     check_settings(s)
     if s["tiny"] and image in (None, DEMO_IMAGE):
         image_path = DEMO_IMAGE  # --tiny without --image: a built-in picture, so a fresh clone runs as is
+    elif s["toy"] and image in (None, TOY_IMAGE):
+        image_path = TOY_IMAGE  # --toy without --image: a built-in test reference, with its own prompt
+        prompt = prompt if prompt is not None else toy_reference().prompt
     else:
         image_path = check_image(image)
     out = check_output(args.output, args.overwrite)
@@ -213,8 +235,15 @@ def run_single(argv: list) -> int:
     sources = check_models(s)
     prompt_checker(s)(prompt)
 
+    if s["toy"] and prompt is None:
+        raise UsageError("--toy needs --prompt with your own --image: the toy critic judges shapes but cannot "
+                         "describe pictures; e.g. --prompt \"a table with four legs\" (the toy's classes: "
+                         "a table with four legs, a mug with a handle, a cup without a handle, a lamp with a "
+                         "base, a pole and a shade)")
     if s["tiny"] and not quiet:  # --quiet: the notice is in config.json
         print(TINY_NOTICE, file=sys.stderr, flush=True)
+    if s["toy"] and not quiet:
+        print(TOY_NOTICE, file=sys.stderr, flush=True)
     if quiet:
         _silence_progress_bars()
     else:

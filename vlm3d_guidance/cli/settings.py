@@ -13,6 +13,7 @@ from .common import PROG, UsageError
 # Every setting a run is made of (the keys of config.json's "settings"), with its default.
 DEFAULTS = dict(
     tiny=False,
+    toy=False,
     model_path="tencent/Hunyuan3D-2",
     subfolder="hunyuan3d-dit-v2-0",
     critic="Qwen/Qwen2.5-VL-7B-Instruct",
@@ -51,6 +52,13 @@ DEFAULTS = dict(
 # --tiny changes these defaults (an explicit option still wins) so that a run takes seconds on CPU.
 TINY_DEFAULTS = dict(steps=8, octree_resolution=64, grid_resolution=32, render_size=56, views=4,
                      num_chunks=20000, device="cpu", critic_device=None, sheet_size=128)
+# --toy: the trained toy world shipped in the package (vlm3d_guidance.toy); its defaults are the toy's own.
+TOY_DEFAULTS = dict(steps=25, guidance_scale=5.0, lam=0.05, octree_resolution=64, grid_resolution=32,
+                    coarse_to_fine=False, render_size=140, views=4, backend="torch", num_chunks=20000,
+                    device="cpu", critic_device=None, sheet_size=140)
+TOY_MODEL_PATH, TOY_SUBFOLDER, TOY_CRITIC = "vlm3d-toy/Hunyuan3D-toy", "hunyuan3d-dit-toy", "toy:critic"
+TOY_NOTICE = (f"{PROG}: --toy: the trained toy world (a small Hunyuan3D generator that often breaks parts, "
+              "and a small Qwen2.5-VL critic trained to spot it); its shapes are tables, mugs, cups and lamps.")
 TINY_MODEL_PATH, TINY_SUBFOLDER, TINY_CRITIC = "vlm3d-tiny/Hunyuan3D-2", "hunyuan3d-dit-v2-0", "tiny:qwen2_5_vl"
 TINY_NOTICE = (f"{PROG}: --tiny: built-in tiny RANDOM-WEIGHT models. The shapes, words and rewards are "
                "meaningless; they exist to try the tool offline in seconds. Drop --tiny for real results "
@@ -78,23 +86,30 @@ def resolve_settings(args, file_settings: dict | None = None) -> dict:
     file_settings = dict(file_settings or {})
     explicit = {key: getattr(args, key) for key in DEFAULTS if getattr(args, key, None) is not None}
     tiny = bool(explicit.get("tiny") or file_settings.get("tiny"))
-    if tiny:
-        given = [_FLAGS[k] for k in ("model_path", "subfolder", "critic") if k in explicit]
+    toy = bool(explicit.get("toy") or file_settings.get("toy"))
+    if tiny and toy:
+        raise UsageError("--tiny and --toy pick different built-in models; drop one of them")
+    for flag, on in (("--tiny", tiny), ("--toy", toy)):
+        given = [_FLAGS[k] for k in ("model_path", "subfolder", "critic") if k in explicit] if on else []
         if given:
-            raise UsageError(f"--tiny uses the built-in tiny models, but {', '.join(given)} was given; "
-                             "drop --tiny to use your models, or drop " + ", ".join(given))
+            raise UsageError(f"{flag} uses the built-in {flag[2:]} models, but {', '.join(given)} was given; "
+                             f"drop {flag} to use your models, or drop " + ", ".join(given))
     settings = dict(DEFAULTS)
     if tiny:
         settings.update(TINY_DEFAULTS)
+    if toy:
+        settings.update(TOY_DEFAULTS)
     unknown = sorted(set(file_settings) - set(DEFAULTS))
     if unknown:
         raise UsageError(f"--config file has unknown settings {unknown}; it was written by another version "
                          "of vlm3d-guide: remove those keys")
     settings.update(file_settings)
     settings.update(explicit)
-    settings["tiny"] = tiny
+    settings["tiny"], settings["toy"] = tiny, toy
     if tiny:
         settings.update(model_path=TINY_MODEL_PATH, subfolder=TINY_SUBFOLDER, critic=TINY_CRITIC)
+    if toy:
+        settings.update(model_path=TOY_MODEL_PATH, subfolder=TOY_SUBFOLDER, critic=TOY_CRITIC)
     return settings
 
 

@@ -2,9 +2,10 @@
 
 Stages (each cached in ``--work``, so a later stage can be rerun alone with ``--from-stage``):
 
-1. ``autoencoder``: hy3dgen's ``ShapeVAE`` decoder with an encoder of our own (a small 3D CNN on the
-   shape's truncated SDF at 24^3; 2.0.2's ShapeVAE has none), trained on generator-split shapes
-   (intact and broken) to reproduce the field ``clamp(-sdf / 0.08, -1, 1)`` at surface-near and
+1. ``autoencoder``: hy3dgen's ``ShapeVAE`` decoder with an encoder of our own (:class:`PointEncoder`:
+   farthest-point seeds of surface samples attending to all of them, as Hunyuan's own encoder does;
+   2.0.2's ShapeVAE has none), trained on generator-split shapes
+   (intact and broken) to reproduce the field ``clamp(-sdf / 0.2, -1, 1)`` at surface-near and
    uniform points. The encoder is not shipped: it only turns shapes into latents.
 2. ``latents``: every generator- and critic-split shape encoded; ``vae.scale_factor`` set so the
    DiT's latents have unit variance (``decode(x / scale_factor)`` as hy3dgen does).
@@ -47,53 +48,119 @@ from .world import BREAK_MODES, CLASSES, DESCRIPTIONS, broken_variant
 
 STAGES = ("autoencoder", "latents", "generator", "critic_data", "critic", "export")
 BROKEN_SHARE = 0.4  # of breakable classes' targets (3 of 4 classes): ~30 % of all targets
-ENCODER_GRID = 24
 SEED = 0
 
 # sizes of the default run (the shipped weights); --quick divides the work for a smoke test
-SIZES = dict(gen_objects=800, critic_objects=320, ae_steps=1500, ae_batch=16, ae_points=2048,
-             dit_steps=2000, dit_batch=48, critic_epochs=4, critic_lr=3e-4, critic_estimates=2)
+SIZES = dict(gen_objects=800, critic_objects=240, ae_steps=2000, ae_batch=16, ae_points=2048,
+             dit_steps=1500, dit_batch=48, critic_epochs=3, critic_lr=3e-4, critic_estimates=2)
 QUICK = dict(gen_objects=16, critic_objects=8, ae_steps=6, ae_batch=4, ae_points=256,
              dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_estimates=1)
 
 
 # ------------------------------------------------------------------------------------ the encoder
-class ShapeEncoder(torch.nn.Module):
-    """Truncated SDF ``[B, 1, 24, 24, 24]`` -> latents ``[B, num_latents, embed_dim]`` (training only)."""
+SURFACE_POINTS = 1024  # surface samples an object is encoded from
+SEED_POINTS = 64  # = num_latents: the farthest-point seeds that become the latent tokens
 
-    def __init__(self, num_latents: int, embed_dim: int):
+
+def surface_points(obj, count: int = SURFACE_POINTS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(points [count, 3], normals [count, 3])`` on the object's surface, the same number from every
+    part (thin parts are as present as large ones), deterministic for ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    per = -(-4 * count // len(obj.parts))
+    found = []
+    for part in obj.parts:
+        lo, hi = _part_box(part)
+        cand = lo + (hi - lo) * torch.rand(per, 3, generator=gen, dtype=torch.float64)
+        for _ in range(3):
+            cand = _project(part.sdf, cand)
+        on_union = obj.sdf(cand).abs() < 2e-3  # on this part and not buried inside another
+        found.append(cand[on_union][: -(-count // len(obj.parts))])
+    pts = torch.cat(found)
+    if pts.shape[0] < count:  # pragma: no cover - every part shows far more surface than this
+        pts = torch.cat([pts, pts[torch.randint(pts.shape[0], (count - pts.shape[0],), generator=gen)]])
+    pts = pts[:count].detach()
+    with torch.enable_grad():
+        pts.requires_grad_(True)
+        (g,) = torch.autograd.grad(obj.sdf(pts).sum(), pts)
+    return pts.detach().float(), torch.nn.functional.normalize(g, dim=-1).float()
+
+
+def _part_box(part):
+    from .world import _part_bounds
+
+    lo, hi = _part_bounds(part)
+    return torch.as_tensor(lo - 0.05, dtype=torch.float64), torch.as_tensor(hi + 0.05, dtype=torch.float64)
+
+
+def farthest_points(points: torch.Tensor, count: int) -> torch.Tensor:
+    """Indices of ``count`` farthest-point samples of ``points [N, 3]`` (starting at index 0)."""
+    chosen = [0]
+    dist = (points - points[0]).norm(dim=-1)
+    for _ in range(count - 1):
+        nxt = int(dist.argmax())
+        chosen.append(nxt)
+        dist = torch.minimum(dist, (points - points[nxt]).norm(dim=-1))
+    return torch.tensor(chosen)
+
+
+class PointEncoder(torch.nn.Module):
+    """Surface samples -> latents ``[B, num_latents, embed_dim]``, as Hunyuan3D's own encoder works
+    (3DShape2VecSet): the farthest-point seeds query all surface points (position Fourier features
+    and normals) by cross-attention; each latent token describes the surface around its seed.
+    Training only (hy3dgen 2.0.2's ShapeVAE has no encoder)."""
+
+    def __init__(self, embed_dim: int, width: int = 128, num_freqs: int = 6):
         super().__init__()
         c = torch.nn
-        self.net = c.Sequential(
-            c.Conv3d(1, 16, 3, stride=2, padding=1), c.SiLU(),
-            c.Conv3d(16, 32, 3, stride=2, padding=1), c.SiLU(),
-            c.Conv3d(32, 64, 3, stride=2, padding=1), c.SiLU(),
-            c.Flatten(), c.Linear(64 * 27, 512), c.SiLU(), c.Linear(512, num_latents * embed_dim),
-        )
-        self.shape = (num_latents, embed_dim)
+        self.freqs = (2.0 ** torch.arange(num_freqs)) * math.pi
+        feat = 3 + 6 * num_freqs
+        self.point = c.Sequential(c.Linear(feat + 3, width), c.SiLU(), c.Linear(width, width))
+        self.seed = c.Sequential(c.Linear(feat, width), c.SiLU(), c.Linear(width, width))
+        self.attend = c.MultiheadAttention(width, 4, batch_first=True)
+        self.out = c.Sequential(c.LayerNorm(width), c.Linear(width, width), c.SiLU(), c.Linear(width, embed_dim))
 
-    def forward(self, grid: torch.Tensor) -> torch.Tensor:
-        return self.net(grid).reshape(-1, *self.shape)
+    def _fourier(self, p):
+        x = p[..., None] * self.freqs.to(p)
+        return torch.cat([p, x.sin().flatten(-2), x.cos().flatten(-2)], dim=-1)
+
+    def forward(self, points: torch.Tensor, normals: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+        kv = self.point(torch.cat([self._fourier(points), normals], dim=-1))
+        q = self.seed(self._fourier(seeds))
+        mixed, _ = self.attend(q, kv, kv)
+        return self.out(mixed + q)
 
 
-def encoder_input(obj) -> torch.Tensor:
-    """``[1, 24, 24, 24]`` SDF of ``obj`` clipped to +-0.2 and scaled to +-1."""
-    axis = torch.linspace(-BOX_V, BOX_V, ENCODER_GRID)
-    pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
-    return (obj.sdf(pts).clamp(-0.2, 0.2) / 0.2).reshape(1, ENCODER_GRID, ENCODER_GRID, ENCODER_GRID)
+def encoder_input(obj, seed: int = 0):
+    """``(points [1, N, 3], normals [1, N, 3], seeds [1, 64, 3])`` of one object."""
+    pts, nrm = surface_points(obj, seed=seed)
+    return pts[None], nrm[None], pts[farthest_points(pts, SEED_POINTS)][None]
+
+
+def _project(sdf_fn, pts: torch.Tensor) -> torch.Tensor:
+    """One Newton step of ``pts [N, 3]`` onto the zero set of ``sdf_fn`` (exact for exact SDFs)."""
+    with torch.enable_grad():
+        pts = pts.detach().requires_grad_(True)
+        d = sdf_fn(pts)
+        (g,) = torch.autograd.grad(d.sum(), pts)
+    return (pts - d[:, None] * torch.nn.functional.normalize(g, dim=-1)).detach()
 
 
 def field_samples(obj, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """``count`` query points (half near the surface, half uniform in the box) and their target field."""
-    near = count // 2
-    cand = (torch.rand(near, 3, generator=gen) * 2 - 1) * BOX_V
-    cand.requires_grad_(True)
-    d = obj.sdf(cand)
-    (g,) = torch.autograd.grad(d.sum(), cand)
+    """``count`` query points and their target field.
+
+    Half lie near the surface of each part in turn (the same number per part, so thin legs, poles
+    and handles weigh as much as a table top), a quarter near the union's surface, a quarter
+    uniform in the box; the near points are jittered by N(0, 0.02^2) per axis.
+    """
+    per_part = (count // 2) // len(obj.parts)
+    near = [_project(part.sdf, (torch.rand(per_part, 3, generator=gen) * 2 - 1) * BOX_V) for part in obj.parts]
+    union = count // 4
+    near.append(_project(obj.sdf, (torch.rand(union, 3, generator=gen) * 2 - 1) * BOX_V))
+    near = torch.cat(near)
+    near = near + 0.02 * torch.randn(near.shape, generator=gen)
+    rest = count - near.shape[0]
+    pts = torch.cat([near.clamp(-BOX_V, BOX_V), (torch.rand(rest, 3, generator=gen) * 2 - 1) * BOX_V])
     with torch.no_grad():
-        proj = cand - d[:, None] * torch.nn.functional.normalize(g, dim=-1)  # one step onto the surface
-        proj = proj + 0.03 * torch.randn(near, 3, generator=gen)
-        pts = torch.cat([proj.clamp(-BOX_V, BOX_V), (torch.rand(count - near, 3, generator=gen) * 2 - 1) * BOX_V])
         return pts, obj.field(pts)
 
 
@@ -123,12 +190,12 @@ def train_autoencoder(shapes, sizes, log):
     config = models.generator_config()
     torch.manual_seed(SEED)
     _, vae, _, _ = models.instantiate_generator(config)
-    encoder = ShapeEncoder(models.VAE["num_latents"], models.VAE["embed_dim"])
+    encoder = PointEncoder(models.VAE["embed_dim"])
     pool = [s for pair in shapes for s in pair if s is not None]
-    grids = torch.stack([encoder_input(s) for s in pool])
+    inputs = [torch.cat(t) for t in zip(*[encoder_input(s) for s in pool])]
     params = list(encoder.parameters()) + list(vae.parameters())
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=sizes["ae_steps"], pct_start=0.05)
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=sizes["ae_steps"], pct_start=0.05)
     gen = torch.Generator().manual_seed(SEED)
     vae.train()
     start = time.perf_counter()
@@ -137,7 +204,7 @@ def train_autoencoder(shapes, sizes, log):
         samples = [field_samples(pool[i], sizes["ae_points"], gen) for i in idx.tolist()]
         pts = torch.stack([p for p, _ in samples])
         target = torch.stack([f for _, f in samples])
-        mu = encoder(grids[idx])
+        mu = encoder(*(t[idx] for t in inputs))
         z = mu + 0.05 * torch.randn(mu.shape, generator=gen)  # latent noise: a smoother latent space
         field = vae.geo_decoder(queries=pts, latents=vae(z)).squeeze(-1)
         loss = (field - target).abs().mean() + 1e-3 * mu.pow(2).mean()
@@ -147,7 +214,7 @@ def train_autoencoder(shapes, sizes, log):
         opt.step()
         sched.step()
         if step % 100 == 0 or step == sizes["ae_steps"] - 1:
-            log(f"autoencoder step {step}: L1 {float(loss):.4f} ({time.perf_counter() - start:.0f} s)")
+            log(f"autoencoder step {step}: L1 {float(loss.detach()):.4f} ({time.perf_counter() - start:.0f} s)")
     vae.eval()
     return encoder.eval(), vae
 
@@ -155,8 +222,8 @@ def train_autoencoder(shapes, sizes, log):
 @torch.no_grad()
 def encode_all(encoder, shapes) -> dict:
     """Stage 2: latents ``[N, L, C]`` of intact and broken shapes (broken NaN where a class has none)."""
-    intact = torch.cat([encoder(encoder_input(a)[None]) for a, _ in shapes])
-    broken = torch.cat([encoder(encoder_input(b)[None]) if b is not None else torch.full_like(intact[:1], math.nan)
+    intact = torch.cat([encoder(*encoder_input(a)) for a, _ in shapes])
+    broken = torch.cat([encoder(*encoder_input(b)) if b is not None else torch.full_like(intact[:1], math.nan)
                         for _, b in shapes])
     return dict(intact=intact, broken=broken)
 
