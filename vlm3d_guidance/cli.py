@@ -518,23 +518,25 @@ def _hub_files(repo_id: str, what: str) -> list:
     return [s.rfilename for s in (info.siblings or [])]
 
 
-def check_hunyuan(model_path: str, subfolder: str) -> str:
-    """Where hy3dgen will find the model: a one-line description, or a UsageError."""
+def check_hunyuan(model_path: str, subfolder: str, weights: str = "model.fp16.safetensors") -> str:
+    """Where hy3dgen (or hy3dshape) will find the model: a one-line description, or a UsageError.
+
+    ``weights``: the weights file its loader reads (hy3dshape's default is ``model.fp16.ckpt``)."""
     base = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
     if _looks_local(model_path):
         local = Path(_local_path(model_path)) / subfolder
     else:
         local = Path(os.path.expanduser(os.path.join(base, model_path, subfolder)))
-    wanted = ("config.yaml", "model.fp16.safetensors")
+    wanted = ("config.yaml", weights)
     if local.exists():
         missing = [f for f in wanted if not (local / f).is_file()]
         if missing:
             raise UsageError(f"model folder {local} lacks {', '.join(missing)}; it needs config.yaml and "
-                             "model.fp16.safetensors (delete the folder to download it again)")
+                             f"{weights} (delete the folder to download it again)")
         return f"local folder {local}"
     if _looks_local(model_path):
         raise UsageError(f"model folder not found: {local}; check --model-path and --subfolder (a local model "
-                         "is <path>/<subfolder>/config.yaml + model.fp16.safetensors)")
+                         f"is <path>/<subfolder>/config.yaml + {weights})")
     try:
         from huggingface_hub import snapshot_download
 
@@ -585,14 +587,20 @@ def check_hf_model(name: str, what: str, flag: str) -> str:
 def check_models(s: dict) -> dict:
     if s["tiny"]:
         return dict(hunyuan="built-in tiny model", critic="built-in tiny critic")
-    if "2.1" in s["model_path"].rstrip("/").split("/")[-1]:
-        import importlib.util
+    from .model_routing import import_hy3dshape_pipeline, model_package
 
-        if importlib.util.find_spec("hy3dshape") is None:
-            raise UsageError("Hunyuan3D-2.1 needs the hy3dshape package (not on PyPI); clone "
-                             "https://github.com/Tencent-Hunyuan/Hunyuan3D-2.1 and add its hy3dshape folder "
-                             "to PYTHONPATH, or use --model-path tencent/Hunyuan3D-2")
-    return dict(hunyuan=check_hunyuan(s["model_path"], s["subfolder"]),
+    model_path = _local_path(s["model_path"]) if _looks_local(s["model_path"]) else s["model_path"]
+    try:  # routed by the targets its config.yaml names, as GuidedHunyuanPipeline.from_pretrained does
+        package = model_package(model_path, s["subfolder"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if package == "hy3dshape":
+        try:
+            import_hy3dshape_pipeline()
+        except ImportError as exc:
+            raise UsageError(f"{exc}; or use --model-path tencent/Hunyuan3D-2") from None
+    weights = "model.fp16.ckpt" if package == "hy3dshape" else "model.fp16.safetensors"
+    return dict(hunyuan=check_hunyuan(s["model_path"], s["subfolder"], weights),
                 critic=check_hf_model(s["critic"], "critic", "--critic"))
 
 
