@@ -366,8 +366,8 @@ def test_hy3dshape_models_load_through_hy3dshape_under_any_name(hy3dshape, root,
         guided = GuidedHunyuanPipeline.from_pretrained(tiny.model_path, subfolder=tiny.subfolder, critic=str(critic_path),
                                                        device="cpu", dtype=torch.float32)
         assert type(guided.pipeline) is cls
-    # the CLI's pre-flight check routes the same way and knows 2.1's weights file
-    from vlm3d_guidance.cli import check_models
+    # the CLI's pre-flight check routes the same way, knows 2.1's weights file, refuses a config without targets
+    from vlm3d_guidance.cli import UsageError, check_models
 
     def check(tiny):
         return check_models(dict(tiny=False, model_path=tiny.model_path, subfolder=tiny.subfolder,
@@ -375,6 +375,11 @@ def test_hy3dshape_models_load_through_hy3dshape_under_any_name(hy3dshape, root,
 
     assert check(t21)["hunyuan"] == f"local folder {t21.folder}"
     assert check(mini)["hunyuan"] == f"local folder {mini.folder}"
+    broken = root / "acme" / "broken" / "dit"
+    broken.mkdir(parents=True, exist_ok=True)
+    (broken / "config.yaml").write_text("{}\n")
+    with pytest.raises(UsageError, match=r"names targets \(none\)"):
+        check_models(dict(tiny=False, model_path="acme/broken", subfolder="dit", critic=str(critic_path)))
 
 
 def test_a_clear_error_when_hy3dshape_cannot_be_imported(hy3dshape, root, monkeypatch):

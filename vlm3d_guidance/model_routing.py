@@ -11,9 +11,10 @@ each name a ``target`` class by its import path. Hunyuan3D 2.1's name ``hy3dshap
 
 The config is looked up where both packages' loaders look (``smart_load_model``):
 ``$HY3DGEN_MODELS/<model_path>/<subfolder>/config.yaml`` (default ``~/.cache/hy3dgen``; an
-absolute ``model_path`` is used as is), else just that one file is fetched from the Hugging Face
-hub into its cache (the loader then downloads the rest as usual). Where neither works (offline, a
-typo) hy3dgen's class is returned, so its loader reports the missing model as it always has.
+absolute ``model_path`` is used as is), else in the Hugging Face cache, else just that one file is
+fetched from the hub into its cache (the loader then downloads the rest as usual). Where none of
+these works (offline, a typo) hy3dgen's class is returned, so its loader reports the missing model as
+it always has.
 """
 
 from __future__ import annotations
@@ -43,12 +44,16 @@ def find_model_config(model_path: str, subfolder: str) -> Path | None:
     if local.is_file():
         return local
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
+        filename = f"{subfolder}/config.yaml"
+        cached = try_to_load_from_cache(str(model_path), filename)
+        if isinstance(cached, str):
+            return Path(cached)
         # into the hub cache, not into $HY3DGEN_MODELS: a folder holding only config.yaml there
         # would stop the loader from downloading the weights
-        return Path(hf_hub_download(repo_id=str(model_path), filename=f"{subfolder}/config.yaml"))
-    except Exception:  # offline, not a hub repo, no such subfolder: the loader will say so
+        return Path(hf_hub_download(repo_id=str(model_path), filename=filename))
+    except Exception:  # offline, unreachable, not a hub repo, no such subfolder: the loader will say so
         return None
 
 
