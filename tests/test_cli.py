@@ -401,7 +401,8 @@ MISTAKES = {
 def _fake_model(tmp: Path) -> Path:
     folder = tmp / "fake_model" / DEFAULTS["subfolder"]
     folder.mkdir(parents=True)
-    (folder / "config.yaml").write_text("{}\n")
+    # the config names hy3dgen targets (the CLI reads them to choose hy3dgen or hy3dshape)
+    (folder / "config.yaml").write_text("model: {target: hy3dgen.shapegen.models.Hunyuan3DDiT}\n")
     (folder / "model.fp16.safetensors").write_bytes(b"")
     return folder.parent
 

@@ -487,8 +487,8 @@ class _ToyMoE(torch.nn.Module):
 
 
 def test_full_mode_train_switch_is_exact_for_moe_blocks():
-    """What the switch must do for Hunyuan3D 2.1 (hy3dshape is not installable here), on a toy MoE
-    block of the same structure: eval has no gradient, train alone adds the aux loss's gradient."""
+    """What the switch must do for Hunyuan3D 2.1, on a toy MoE block of the same structure: eval has
+    no gradient, train alone adds the aux loss's gradient (hy3dshape's real MoE DiT: test_hunyuan21.py)."""
     from vlm3d_guidance.surgery import _dit_train_mode
 
     h = torch.randn(5, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

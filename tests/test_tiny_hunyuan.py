@@ -24,7 +24,7 @@ def _image_for(flavour):
 
 
 def test_flavours_cover_the_published_family():
-    assert set(HUNYUAN_FLAVOURS) == {"standard", "fast", "turbo", "mv"}
+    assert set(HUNYUAN_FLAVOURS) == {"standard", "fast", "turbo", "mv", "mini"}
 
 
 @pytest.mark.parametrize("flavour", HUNYUAN_FLAVOURS)
@@ -41,6 +41,12 @@ def test_real_from_pretrained_and_stock_call_give_a_mesh(tiny_root, flavour, mon
     assert pipe.model.guidance_embed is (flavour in ("fast", "turbo"))
     expected_scheduler = "ConsistencyFlowMatchEulerDiscreteScheduler" if flavour == "turbo" else "FlowMatchEulerDiscreteScheduler"
     assert type(pipe.scheduler).__name__ == expected_scheduler
+    if flavour == "mini":  # 2mini's published choices: fewer latents, 1:2 double/single blocks, no qkv bias, no pi
+        assert pipe.vae.latent_shape == (16, 8) and pipe.vae.scale_factor == 1.0188137142395404
+        assert (len(pipe.model.double_blocks), len(pipe.model.single_blocks)) == (1, 2)
+        attn = [m for n, m in pipe.vae.named_modules() if n.endswith(("c_qkv", "c_q", "c_kv"))]
+        assert len(attn) == 3 and all(m.bias is None for m in attn)
+        assert pipe.vae.fourier_embedder.frequencies.tolist() == [1.0, 2.0, 4.0, 8.0]
     meshes = pipe(image=_image_for(flavour), num_inference_steps=4, octree_resolution=32,
                   generator=torch.manual_seed(0), enable_pbar=False)
     assert len(meshes) == 1 and isinstance(meshes[0], trimesh.Trimesh)
@@ -77,7 +83,7 @@ def test_config_matches_published_layout(tiny_root):
 
 
 def test_unknown_flavour_is_a_clear_error(tmp_path):
-    with pytest.raises(ValueError, match="choose one of standard, fast, turbo, mv"):
+    with pytest.raises(ValueError, match="choose one of standard, fast, turbo, mv, mini"):
         build_tiny_hunyuan("large", root=tmp_path)
 
 

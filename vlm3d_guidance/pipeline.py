@@ -106,8 +106,10 @@ class GuidedHunyuanPipeline:
 
         Args:
             model_path, subfolder: as hy3dgen's ``from_pretrained`` (``$HY3DGEN_MODELS/<model_path>/
-                <subfolder>`` first, else the Hugging Face hub). A ``model_path`` naming
-                Hunyuan3D-2.1 loads through the ``hy3dshape`` package (see README).
+                <subfolder>`` first, else the Hugging Face hub). A model whose ``config.yaml`` names
+                ``hy3dshape.*`` targets (Hunyuan3D 2.1, e.g. ``"tencent/Hunyuan3D-2.1"``,
+                ``subfolder="hunyuan3d-dit-v2-1"``) loads through hy3dshape's pipeline, which must
+                be importable (see README); :mod:`~vlm3d_guidance.model_routing`.
             critic: a Qwen-VL model id or local folder.
             device, dtype: for the Hunyuan pipeline.
             critic_device, critic_dtype: for the critic (default: ``device``; bfloat16 on CUDA,
@@ -117,7 +119,9 @@ class GuidedHunyuanPipeline:
         """
         from .critic import VLMCritic
 
-        pipeline_cls = _hunyuan_pipeline_class(model_path)
+        from .model_routing import hunyuan_pipeline_class
+
+        pipeline_cls = hunyuan_pipeline_class(model_path, subfolder)  # by the folder's config.yaml targets
         pipeline = pipeline_cls.from_pretrained(model_path, subfolder=subfolder, device=device,
                                                 dtype=dtype, **hunyuan_kwargs)
         critic_device = critic_device or device
@@ -425,22 +429,6 @@ class GuidedHunyuanPipeline:
                 img = Image.open(img)
             out.append(self.critic.describe(img))  # transparent parts are seen on white
         return out
-
-
-def _hunyuan_pipeline_class(model_path: str):
-    """hy3dgen's pipeline class, or hy3dshape's for Hunyuan3D-2.1 (with a clear error if absent)."""
-    if "2.1" in str(model_path).split("/")[-1]:
-        try:
-            from hy3dshape.pipelines import Hunyuan3DDiTFlowMatchingPipeline
-        except ImportError as exc:
-            raise ImportError(
-                "Hunyuan3D-2.1 needs the hy3dshape package, which is not on PyPI: clone "
-                "https://github.com/Tencent-Hunyuan/Hunyuan3D-2.1 and add its hy3dshape folder to "
-                "PYTHONPATH (see the README section 'Hunyuan3D 2.1')") from exc
-        return Hunyuan3DDiTFlowMatchingPipeline
-    from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
-
-    return Hunyuan3DDiTFlowMatchingPipeline
 
 
 def _schedule_sigmas(scheduler) -> torch.Tensor:

@@ -50,30 +50,50 @@ def _hub_files(repo_id: str, what: str) -> list:
     return [s.rfilename for s in (info.siblings or [])]
 
 
+def _weights_file(config: Path) -> str:
+    """The weights file the loader of ``config``'s package reads: hy3dshape's (2.1) defaults to
+    ``model.fp16.ckpt``, hy3dgen's to ``model.fp16.safetensors``."""
+    import yaml
+
+    from ..model_routing import config_package
+
+    try:
+        package = config_package(yaml.safe_load(config.read_text()), where=str(config))
+    except (ValueError, yaml.YAMLError) as exc:
+        raise UsageError(str(exc).replace("\n", " ")) from None
+    return "model.fp16.ckpt" if package == "hy3dshape" else "model.fp16.safetensors"
+
+
 def check_hunyuan(model_path: str, subfolder: str) -> str:
-    """Where hy3dgen will find the model: a one-line description, or a UsageError."""
+    """Where hy3dgen (or hy3dshape) will find the model: a one-line description, or a UsageError."""
     base = os.environ.get("HY3DGEN_MODELS", "~/.cache/hy3dgen")
     if _looks_local(model_path):
         local = Path(_local_path(model_path)) / subfolder
     else:
         local = Path(os.path.expanduser(os.path.join(base, model_path, subfolder)))
-    wanted = ("config.yaml", "model.fp16.safetensors")
     if local.exists():
-        missing = [f for f in wanted if not (local / f).is_file()]
-        if missing:
-            raise UsageError(f"model folder {local} lacks {', '.join(missing)}; it needs config.yaml and "
-                             "model.fp16.safetensors (delete the folder to download it again)")
+        if not (local / "config.yaml").is_file():
+            raise UsageError(f"model folder {local} lacks config.yaml; it needs config.yaml and "
+                             "model.fp16.safetensors (Hunyuan3D 2.1: model.fp16.ckpt); delete the folder to "
+                             "download it again")
+        weights = _weights_file(local / "config.yaml")
+        if not (local / weights).is_file():
+            raise UsageError(f"model folder {local} lacks {weights}; it needs config.yaml and "
+                             f"{weights} (delete the folder to download it again)")
         return f"local folder {local}"
     if _looks_local(model_path):
         raise UsageError(f"model folder not found: {local}; check --model-path and --subfolder (a local model "
-                         "is <path>/<subfolder>/config.yaml + model.fp16.safetensors)")
+                         "is <path>/<subfolder>/config.yaml + model.fp16.safetensors, or model.fp16.ckpt for "
+                         "Hunyuan3D 2.1)")
     try:
         from huggingface_hub import snapshot_download
 
         cached = Path(snapshot_download(repo_id=model_path, allow_patterns=[f"{subfolder}/*"],
                                         local_files_only=True)) / subfolder
-        if all((cached / f).is_file() for f in wanted):
+        if (cached / "config.yaml").is_file() and (cached / _weights_file(cached / "config.yaml")).is_file():
             return f"Hugging Face cache {cached}"
+    except UsageError:
+        raise
     except Exception:
         pass
     if _offline():
@@ -125,12 +145,18 @@ def check_models(s: dict) -> dict:
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from None
         return dict(hunyuan="built-in toy generator (trained)", critic="built-in toy critic (trained)")
-    if "2.1" in s["model_path"].rstrip("/").split("/")[-1]:
-        import importlib.util
+    from ..model_routing import import_hy3dshape_pipeline, model_package
 
-        if importlib.util.find_spec("hy3dshape") is None:
-            raise UsageError("Hunyuan3D-2.1 needs the hy3dshape package (not on PyPI); clone "
-                             "https://github.com/Tencent-Hunyuan/Hunyuan3D-2.1 and add its hy3dshape folder "
-                             "to PYTHONPATH, or use --model-path tencent/Hunyuan3D-2")
-    return dict(hunyuan=check_hunyuan(s["model_path"], s["subfolder"]),
+    hunyuan = check_hunyuan(s["model_path"], s["subfolder"])  # reports a missing model or network first
+    model_path = _local_path(s["model_path"]) if _looks_local(s["model_path"]) else s["model_path"]
+    try:  # routed by the targets its config.yaml names, as GuidedHunyuanPipeline.from_pretrained does
+        package = model_package(model_path, s["subfolder"])
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if package == "hy3dshape":
+        try:
+            import_hy3dshape_pipeline()
+        except ImportError as exc:
+            raise UsageError(f"{exc}; or use --model-path tencent/Hunyuan3D-2") from None
+    return dict(hunyuan=hunyuan,
                 critic=check_hf_model(s["critic"], "critic", "--critic"))

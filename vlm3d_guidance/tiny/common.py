@@ -45,3 +45,18 @@ def atomic_folder(folder: Path, version: str):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def models_root(root):
+    """Set ``HY3DGEN_MODELS`` (where hy3dgen's and hy3dshape's loaders look first) to ``root`` while
+    active; the previous value (or its absence) is restored afterwards, also on error."""
+    previous = os.environ.get("HY3DGEN_MODELS")
+    os.environ["HY3DGEN_MODELS"] = str(root)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("HY3DGEN_MODELS", None)
+        else:
+            os.environ["HY3DGEN_MODELS"] = previous

@@ -25,7 +25,14 @@ fast       .../hunyuan3d-dit-v2-0-fast     ``guidance_embed=True`` (no CFG batch
 turbo      .../hunyuan3d-dit-v2-0-turbo    ``guidance_embed=True`` + ``ConsistencyFlowMatch...``
 mv         vlm3d-tiny/Hunyuan3D-2mv        ``DinoImageEncoderMV`` + ``MVImageProcessorV2``:
            hunyuan3d-dit-v2-mv             dict images ``{'front', 'left', 'back', 'right'}``
+mini       vlm3d-tiny/Hunyuan3D-2mini      2mini's choices: half the latents of standard (512
+           hunyuan3d-dit-v2-mini           vs 3072 published), twice as many single-stream as
+                                           double-stream blocks (8 + 16 published), VAE
+                                           without qkv bias, ``include_pi: false`` and its
+                                           ``scale_factor`` 1.0188...
 ========== ============================== =================================================
+
+Hunyuan3D 2.1 (hy3dshape's classes) is in :mod:`.hunyuan21`.
 
 The model_path is ``vlm3d-tiny/...`` rather than ``tencent/...`` so that a tiny folder can never be
 mistaken for the real weights.
@@ -40,7 +47,7 @@ from pathlib import Path
 
 import yaml
 
-from .common import atomic_folder, default_cache_dir, is_complete
+from .common import atomic_folder, default_cache_dir, is_complete, models_root
 
 BUILDER_VERSION = "hunyuan-tiny-1"
 
@@ -90,7 +97,11 @@ _FLAVOURS = {
     "fast": ("vlm3d-tiny/Hunyuan3D-2", "hunyuan3d-dit-v2-0-fast"),
     "turbo": ("vlm3d-tiny/Hunyuan3D-2", "hunyuan3d-dit-v2-0-turbo"),
     "mv": ("vlm3d-tiny/Hunyuan3D-2mv", "hunyuan3d-dit-v2-mv"),
+    "mini": ("vlm3d-tiny/Hunyuan3D-2mini", "hunyuan3d-dit-v2-mini"),
 }
+# 2mini's published config differs from 2.0's in these (besides its sizes)
+_MINI_VAE = dict(num_latents=16, qkv_bias=False, include_pi=False, scale_factor=1.0188137142395404)
+_MINI_DIT = dict(depth=1, depth_single_blocks=2)
 HUNYUAN_FLAVOURS = tuple(_FLAVOURS)
 
 
@@ -117,6 +128,10 @@ def hunyuan_config(flavour: str) -> dict:
     _check_flavour(flavour)
     dit = copy.deepcopy(_DIT)
     dit["guidance_embed"] = flavour in ("fast", "turbo")
+    vae = dict(_VAE)
+    if flavour == "mini":
+        dit.update(_MINI_DIT)
+        vae.update(_MINI_VAE)
     encoder_type = "DinoImageEncoderMV" if flavour == "mv" else "DinoImageEncoder"
     encoder_kwargs = dict(config=dict(_DINO), image_size=_IMAGE_SIZE, use_cls_token=True)
     if flavour == "mv":
@@ -134,7 +149,7 @@ def hunyuan_config(flavour: str) -> dict:
     processor = "MVImageProcessorV2" if flavour == "mv" else "ImageProcessorV2"
     return dict(
         model=dict(target="hy3dgen.shapegen.models.Hunyuan3DDiT", params=dit),
-        vae=dict(target="hy3dgen.shapegen.models.ShapeVAE", params=dict(_VAE)),
+        vae=dict(target="hy3dgen.shapegen.models.ShapeVAE", params=vae),
         conditioner=dict(
             target="hy3dgen.shapegen.models.SingleImageEncoder",
             params=dict(main_image_encoder=dict(type=encoder_type, kwargs=encoder_kwargs)),
@@ -193,18 +208,11 @@ def load_tiny_hunyuan_pipeline(flavour: str = "standard", root: str | os.PathLik
     from hy3dgen.shapegen import Hunyuan3DDiTFlowMatchingPipeline
 
     tiny = build_tiny_hunyuan(flavour, root=root, seed=seed)
-    previous = os.environ.get("HY3DGEN_MODELS")
-    os.environ["HY3DGEN_MODELS"] = str(tiny.root)
-    try:
+    with models_root(tiny.root):
         return Hunyuan3DDiTFlowMatchingPipeline.from_pretrained(
             tiny.model_path, subfolder=tiny.subfolder, device=device,
             dtype=torch.float32 if dtype is None else dtype,
         )
-    finally:
-        if previous is None:
-            os.environ.pop("HY3DGEN_MODELS", None)
-        else:
-            os.environ["HY3DGEN_MODELS"] = previous
 
 
 def _check_flavour(flavour: str) -> None:
@@ -231,16 +239,17 @@ def _random_state_dict(config: dict, seed: int) -> dict:
     return state
 
 
-def _shape_geo_decoder(vae, num_latents: int, embed_dim: int) -> None:
+def _shape_geo_decoder(vae, num_latents: int, embed_dim: int, latent_std: float = 1.0) -> None:
     """Make the random geometry decoder's level-0 set a latent-dependent blob around the origin.
 
     A random decoder's field is noise in space: its level set is a foam that touches every wall. We
     keep all its random weights (so the field still depends on the latents everywhere) but add one
     designed channel to the query projection, ``cos(pi x) + cos(pi y) + cos(pi z)`` (largest at the
-    origin), keep the other channels' bias large so ``ln_post`` leaves it roughly linear, read that
-    channel out strongly, and finally shift the output bias so that ~15 % of the box lies inside
-    (positive field) for latents ~ N(0, 1), the scale the sampler produces. Hunyuan's field is
-    positive inside.
+    origin; ``cos(x) + cos(y) + cos(z)`` for a VAE with ``include_pi: false``, still largest there),
+    keep the other channels' bias large so ``ln_post`` leaves it roughly linear, read that channel out
+    strongly, and finally shift the output bias so that ~15 % of the box lies inside
+    (positive field) for latents ~ N(0, latent_std^2), the scale of the latents the tiny sampler
+    produces (the 2.1 builder passes 2: its samples spread that much). Hunyuan's field is positive inside.
     """
     import torch
 
@@ -252,13 +261,13 @@ def _shape_geo_decoder(vae, num_latents: int, embed_dim: int) -> None:
         dec.query_proj.bias.copy_(3.0 * torch.tensor([(-1.0) ** i for i in range(width)]))
         dec.query_proj.bias[0] = 0.0
         dec.query_proj.weight[0].zero_()
-        for axis in range(3):  # layout [xyz, sin(3 x F), cos(3 x F)]; cos(pi * coord) is frequency 0
+        for axis in range(3):  # layout [xyz, sin(3 x F), cos(3 x F)]; cos([pi *] coord) is frequency 0
             dec.query_proj.weight[0, 3 + 3 * freqs + axis * freqs] = 1.0
         dec.output_proj.weight.mul_(0.5)
         dec.output_proj.weight[0, 0] = 4.0
 
         g = torch.Generator().manual_seed(1234)
-        latents = torch.randn(4, num_latents, embed_dim, generator=g)
+        latents = latent_std * torch.randn(4, num_latents, embed_dim, generator=g)
         h = vae(latents / vae.scale_factor)
         axis = torch.linspace(-1.01, 1.01, 17)
         pts = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(1, -1, 3)
