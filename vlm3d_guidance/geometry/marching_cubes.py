@@ -136,8 +136,33 @@ def _empty_topology(grid: FieldGrid, big: float = 1.0) -> MCTopology:
                       torch.zeros(0, 3, dtype=torch.long), big)
 
 
-def extract_topology(sdf, grid: FieldGrid, iso: float = 0.0) -> MCTopology:
-    """Run step 1 (see module doc) on ``sdf`` (tensor or array ``[N, N, N]``, negative inside)."""
+# which topology extractor "auto" picks on the CPU (benchmarks/bench_step_speed.py measures both;
+# see benchmarks/RESULTS.md); on every other device it is always "torch" (no host round trip)
+CPU_BACKEND = "skimage"
+
+
+def resolve_backend(backend: str, device) -> str:
+    """``"torch"`` or ``"skimage"`` for ``backend`` in ("auto", "torch", "skimage") on ``device``."""
+    if backend not in ("auto", "torch", "skimage"):
+        raise ValueError(f"marching-cubes backend must be 'auto', 'torch' or 'skimage' (got {backend!r})")
+    if backend != "auto":
+        return backend
+    return CPU_BACKEND if torch.device(device).type == "cpu" else "torch"
+
+
+def extract_topology(sdf, grid: FieldGrid, iso: float = 0.0, backend: str = "auto") -> MCTopology:
+    """Run step 1 (see module doc) on ``sdf`` (tensor or array ``[N, N, N]``, negative inside).
+
+    ``backend``: "skimage" (Lewiner, on a host copy), "torch" (:mod:`.mc_torch`, on the field's
+    device: the same crossing edges, so the same edge vertices; triangles may differ in ambiguous
+    cubes), or "auto" (torch except on the CPU, where :data:`CPU_BACKEND`). The result's tensors
+    live on the CPU for "skimage" and on ``sdf``'s device for "torch"."""
+    dev = sdf.device if isinstance(sdf, torch.Tensor) else torch.device("cpu")
+    if resolve_backend(backend, dev) == "torch":
+        from .mc_torch import extract_topology_torch
+
+        t = sdf if isinstance(sdf, torch.Tensor) else torch.from_numpy(np.asarray(sdf))
+        return extract_topology_torch(t, grid, iso)
     if isinstance(sdf, torch.Tensor):
         sdf = sdf.detach().cpu().numpy()
     sdf = np.asarray(sdf)
@@ -236,7 +261,7 @@ def extract_topology(sdf, grid: FieldGrid, iso: float = 0.0) -> MCTopology:
     return MCTopology(grid, t(e_p0), t(e_p1), t(e_axis), t(center_edges), t(faces), big)
 
 
-def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0):
+def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0, backend: str = "auto"):
     """Differentiable marching cubes.
 
     Args:
@@ -245,6 +270,7 @@ def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0):
             NaN counts as outside.
         bounds: ``(lo, hi)`` symmetric world extent of the grid (default hy3dgen's ``box_v = 1.01``).
         iso: level of the surface.
+        backend: the topology extractor (see :func:`extract_topology`).
 
     Returns:
         ``verts [V, 3]`` world coordinates (dtype/device of ``sdf``, differentiable w.r.t. the
@@ -254,7 +280,7 @@ def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0):
     if sdf.dim() != 3 or not (sdf.shape[0] == sdf.shape[1] == sdf.shape[2]):
         raise ValueError(f"sdf must be [N, N, N], got {tuple(sdf.shape)}")
     grid = FieldGrid.from_bounds(sdf.shape[0], bounds)
-    topo = extract_topology(sdf, grid, iso)
+    topo = extract_topology(sdf, grid, iso, backend)
     dev = sdf.device
     if topo.is_empty:
         return sdf.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=dev)
