@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+_POINTS_CACHE: dict = {}
+_POINTS_CACHE_SIZE = 4
+
 
 @dataclass(frozen=True)
 class FieldGrid:
@@ -97,3 +100,16 @@ class FieldGrid:
         """Flat indices -> integer ``[..., 3]`` grid indices (inverse of :meth:`linear_index`)."""
         n = self.num_points
         return torch.stack([flat // (n * n), (flat // n) % n, flat % n], dim=-1)
+
+
+def cached_points(grid: FieldGrid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """:meth:`FieldGrid.points`, built once per ``(resolution, box_v, device, dtype)`` and kept (the
+    last few such keys). The result is shared: do not modify it in place."""
+    key = (int(grid.resolution), float(grid.box_v), str(torch.device(device or "cpu")), dtype)
+    pts = _POINTS_CACHE.pop(key, None)
+    if pts is None:
+        pts = grid.points(device, dtype)
+        while len(_POINTS_CACHE) >= _POINTS_CACHE_SIZE:
+            _POINTS_CACHE.pop(next(iter(_POINTS_CACHE)))
+    _POINTS_CACHE[key] = pts  # most recent last
+    return pts

@@ -1,0 +1,124 @@
+"""Decoding that follows the surface from one sampling step to the next.
+
+The clean-latent estimate changes little between neighbouring sampling steps, so neither does its
+surface. :func:`tracked_sdf` decodes, on the fine grid:
+
+1. the band: every grid point within ``band`` cells (Chebyshev distance) of an endpoint of a
+   crossing edge of the PREVIOUS step's surface;
+2. a sparse sentinel lattice (every ``stride``-th point, ``stride`` dividing the resolution) that
+   watches the rest of the box;
+3. then, as :func:`~.adaptive.complete_crossed_cubes`, the neighbourhood of every crossing edge
+   until every crossed cube has its 8 corners decoded (points never decoded take the lattice's
+   trilinear interpolation, which keeps the lattice's sign inside cells whose corners agree).
+
+The surface has LEFT the band when a sentinel cell whose corners disagree in sign lies entirely
+outside the band (a new piece, or a jump), or when step 3 still has to grow after
+``max_rounds`` rounds (the surface walked out of the band). Then the step falls back to the full
+coarse-to-fine decode (:func:`~.adaptive.coarse_to_fine_sdf`, reusing every value already decoded)
+and the reason is recorded in :attr:`SurfaceTrack.last`. The first step (no previous surface) is
+always a full coarse-to-fine decode.
+
+What the result guarantees is that of coarse-to-fine decoding: the same topology and vertices as
+the dense grid for every part of the surface that touches what was decoded. What it cannot see is a
+new piece smaller than a sentinel cell (``stride`` cells) lying between sentinel points, away from
+the band: the full coarse-to-fine decode, which sees pieces down to two cells, runs whenever the
+surface is lost, and the dense grid sees everything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .adaptive import (_fetcher, _lattice, _sign_change_cells, coarse_to_fine_sdf,
+                       complete_crossed_cubes)
+from .grid import FieldGrid
+
+
+@dataclass
+class SurfaceTrack:
+    """One batch item's surface, carried from sampling step to sampling step.
+
+    Attributes:
+        band: half width of the band around the previous surface, in fine cells (>= 1). One cell
+            covers a surface that moved less than a cell; the completion follows larger moves.
+        stride: sentinel lattice spacing in fine cells (even, >= 2; when it does not divide the
+            resolution, every step is a full coarse-to-fine decode).
+        max_rounds: growth rounds of the completion before the surface counts as lost.
+        grid: the grid of the previous surface (a different grid starts afresh).
+        endpoints: ``[P]`` long, flat grid indices of the previous surface's crossing-edge ends.
+        last: what the last call did: ``dict(mode="full"|"tracked", reason=str|None,
+            queries=int, dense=int)`` (``reason`` says why a full decode ran).
+        history: every ``last``, in order.
+    """
+
+    band: int = 1
+    stride: int = 4
+    max_rounds: int = 3
+    grid: FieldGrid | None = None
+    endpoints: torch.Tensor | None = None
+    last: dict | None = None
+    history: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if int(self.band) < 1:
+            raise ValueError(f"band must be >= 1 cell, got {self.band}")
+        if int(self.stride) < 2 or int(self.stride) % 2:
+            raise ValueError(f"stride must be an even number >= 2, got {self.stride}")
+        if int(self.max_rounds) < 1:
+            raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
+
+    def reset(self) -> None:
+        self.grid, self.endpoints = None, None
+
+
+def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype=torch.float32):
+    """Field values on ``grid`` decoded around ``track``'s previous surface (see module doc).
+
+    Args:
+        decode: ``decode(flat [P] long) -> values [P]`` in the SDF convention, no gradient.
+        grid: the fine grid (even resolution >= 4).
+        track: the :class:`SurfaceTrack`; updated with this step's surface and ``last``.
+        device, dtype: of the returned field.
+
+    Returns:
+        ``(sdf [N, N, N], decoded [N, N, N] bool, topology)`` as
+        :func:`~.adaptive.coarse_to_fine_sdf`.
+    """
+    stats = {"queries": 0}
+    reason = None
+    r = int(grid.resolution)
+    if track.endpoints is None or track.grid != grid:
+        reason = "first step" if track.endpoints is None else "grid changed"
+    elif r % int(track.stride):
+        reason = f"stride {track.stride} does not divide the resolution {r}"
+    vals = known = topo = None
+    if reason is None:
+        vals, known, fetch = _fetcher(decode, grid, device, dtype, None, stats)
+        n = grid.num_points
+        seed = torch.zeros(1, 1, n, n, n, device=known.device)
+        seed.view(-1)[track.endpoints.to(known.device)] = 1.0
+        band = F.max_pool3d(seed, 2 * track.band + 1, stride=1, padding=track.band)[0, 0] > 0
+        fetch(band)
+        coarse, interp = _lattice(vals, known, fetch, int(track.stride))
+        s = int(track.stride)
+        touched = F.max_pool3d(band[None, None].float(), s + 1, stride=s)[0, 0] > 0  # [R/s]^3
+        if bool((_sign_change_cells(coarse) & ~touched).any()):
+            reason = "surface outside the band (sentinel lattice)"
+        else:
+            sdf, topo, rounds = complete_crossed_cubes(vals, known, interp, fetch, grid,
+                                                       max_rounds=int(track.max_rounds))
+            if topo is None:
+                reason = f"surface left the band (still growing after {rounds} rounds)"
+    if reason is not None:
+        initial = None if vals is None else (vals, known)
+        sdf, known, topo = coarse_to_fine_sdf(decode, grid, device=device, dtype=dtype,
+                                              initial=initial, stats=stats)
+    track.grid = grid
+    track.endpoints = torch.unique(torch.cat([topo.edge_p0, topo.edge_p1]).to(known.device))
+    track.last = dict(mode="full" if reason else "tracked", reason=reason, queries=stats["queries"],
+                      dense=grid.num_points ** 3)
+    track.history.append(track.last)
+    return sdf, known, topo
