@@ -61,6 +61,16 @@ class GuidanceConfig:
             band, for a fraction of the decoder queries, so a finer ``grid_resolution`` becomes
             affordable; but a piece thinner than two cells that no coarse point sees is missed.
             Default False (the dense grid: exact).
+        track_surface: with ``coarse_to_fine``, decode from the second guided step on only a band
+            around the previous step's surface plus a sentinel lattice (every 4th point), with a
+            full coarse-to-fine decode whenever the surface leaves the band (recorded in the trace,
+            ``StepRecord.decoding``). Same mesh as coarse-to-fine while the surface is followed;
+            a new piece smaller than 4 cells between sentinel points is seen only at the next full
+            decode. Default True (no effect without ``coarse_to_fine``).
+        profile: time every stage of a guided step on CUDA (``StepRecord.seconds``), which costs two
+            device synchronisations per stage. Off (default), a CUDA step records only its total
+            time and reads the device once (reward, gradient check and norm together); on the CPU
+            stage times are always recorded (they need no synchronisation there).
     """
 
     lam: float = 0.02
@@ -80,6 +90,8 @@ class GuidanceConfig:
     backend: str = "auto"
     grid_resolution: int = 64
     coarse_to_fine: bool = False
+    track_surface: bool = True
+    profile: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -104,6 +116,9 @@ class GuidanceConfig:
         _positive_int("grid_resolution", self.grid_resolution, minimum=8)
         if not isinstance(self.coarse_to_fine, bool):
             raise ValueError(f"coarse_to_fine must be True or False (got {self.coarse_to_fine!r})")
+        for name in ("track_surface", "profile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False (got {getattr(self, name)!r})")
         if self.coarse_to_fine and self.grid_resolution % 2:
             raise ValueError(f"coarse_to_fine needs an even grid_resolution (got {self.grid_resolution}); "
                              f"use {self.grid_resolution + 1}")

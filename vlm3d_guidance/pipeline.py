@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GuidanceConfig
+from .geometry.device import read_host
 from .guidance.step import StepRecord, normalized_update, reward_and_gradient, timed
 
 _STOCK_DEFAULTS = dict(
@@ -204,6 +205,13 @@ class GuidedHunyuanPipeline:
             cameras = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov,
                                     device=device, bounds=box_v)
 
+        # one surface track per batch item: decode around the previous step's surface
+        tracks = None
+        if cfg.lam > 0 and cfg.coarse_to_fine and cfg.track_surface:
+            from .geometry import SurfaceTrack
+
+            tracks = [SurfaceTrack() for _ in range(batch_size)]
+
         trace: list[StepRecord] = []
         warned: set = set()
         bar = tqdm(timesteps, disable=not enable_pbar, desc="Guided sampling" if cfg.lam > 0 else "Sampling (unguided)")
@@ -221,14 +229,14 @@ class GuidedHunyuanPipeline:
             z = latents.detach().requires_grad_(True) if full else latents
             with _dit_train_mode(pipe.model, full):
                 with (torch.enable_grad() if full else torch.inference_mode()), \
-                        timed(record.seconds, "dit", device), _checkpointed(pipe.model, full and cfg.dit_checkpointing):
+                        timed(record.seconds, "dit", device, cfg.profile), _checkpointed(pipe.model, full and cfg.dit_checkpointing):
                     noise_pred = self._velocity(z, t, cond, guidance, guidance_scale, do_cfg)
 
                 update = None
                 if lam > 0:
                     update = self._guidance_update(z, noise_pred, sigma, lam, prompts, cameras, cfg, record,
                                                    box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                                   full=full)
+                                                   full=full, tracks=tracks)
                 else:
                     record.skipped = ["not scheduled"] * batch_size
 
@@ -275,7 +283,7 @@ class GuidedHunyuanPipeline:
         return noise_pred
 
     def _guidance_update(self, z, noise_pred, sigma, lam, prompts, cameras, cfg, record, *, box_v,
-                         mc_level, num_chunks, full):
+                         mc_level, num_chunks, full, tracks=None):
         """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran."""
         pipe = self.pipeline
         x0 = z + (1.0 - sigma) * noise_pred if full else (z.float() + (1.0 - sigma) * noise_pred.float()).clone()
@@ -285,14 +293,17 @@ class GuidedHunyuanPipeline:
                 x0[b:b + 1] if not full else x0[b:b + 1].detach(), pipe.vae, self.critic, prompts[b], cameras,
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
-                num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine)
-            grad = result.gradient
+                num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine,
+                track=None if tracks is None else tracks[b], profile=cfg.profile)
+            record.decoding.append(None if tracks is None else tracks[b].last)
+            grad, grad_norm = result.gradient, result.grad_norm
             if grad is not None and full:
-                with timed(record.seconds, "dit_backward", z.device):
+                with timed(record.seconds, "dit_backward", z.device, cfg.profile):
                     (grad,) = torch.autograd.grad(x0[b:b + 1], z, grad.to(x0.dtype),
                                                   retain_graph=b + 1 < z.shape[0])
                     grad = grad[b:b + 1]
-                if not torch.isfinite(grad).all():
+                grad_norm, finite = read_host(torch.stack([grad.double().norm(), torch.isfinite(grad).all().double()]))
+                if not finite:
                     grad, result.skipped = None, "non-finite gradient"
             record.reward.append(result.reward)
             record.skipped.append(result.skipped)
@@ -300,7 +311,7 @@ class GuidedHunyuanPipeline:
                 record.grad_norm.append(None)
                 updates.append(torch.zeros_like(z[b:b + 1], dtype=torch.float32).detach())
                 continue
-            record.grad_norm.append(float(grad.float().norm()))
+            record.grad_norm.append(grad_norm)
             updates.append(normalized_update(grad.detach(), lam, cfg.normalize, cfg.clip))
             any_ran = True
         record.guided = any_ran

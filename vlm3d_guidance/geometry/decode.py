@@ -29,9 +29,10 @@ import contextlib
 
 import torch
 
+from . import device as _device
 from .adaptive import coarse_to_fine_sdf
 from .grid import FieldGrid, cached_points
-from .marching_cubes import extract_topology
+from .marching_cubes import extract_topology, finite_endpoints
 
 GPU_CHUNK = 1 << 16  # query points per geo_decoder call on a GPU at least (not measured here: no GPU)
 
@@ -109,10 +110,11 @@ def _dense_sdf(vae, h: torch.Tensor, grid: FieldGrid, mc_level: float, num_chunk
     field = field.to(torch.promote_types(field.dtype, torch.float32))
     sdf = _field_to_sdf(field, mc_level).reshape(h.shape[0], *grid.shape)
     bad = torch.isnan(sdf)
-    if bad.any():  # NaN (unknown cells of hierarchical decoders) -> outside
-        finite = sdf[torch.isfinite(sdf)]
-        big = float(finite.abs().max()) if finite.numel() else 1.0
-        sdf = torch.where(bad, sdf.new_tensor(max(big, 1e-6)), sdf)
+    # NaN (unknown cells of hierarchical decoders) -> outside; off the CPU without reading the
+    # device (the replacement is computed whether or not there is a NaN)
+    if not _device.host_reads_are_free(sdf.device) or bool(bad.any()):
+        big = torch.nan_to_num(sdf.abs(), nan=0.0, posinf=0.0).amax().clamp_min(1e-6)
+        sdf = torch.where(bad, big, sdf)
     return sdf
 
 
@@ -204,8 +206,7 @@ def decode_surface(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1
             flat, inv0, inv1 = topo.endpoints()
             pts = grid.points_at(flat.to(h.device), h.dtype)
             s = _field_to_sdf(_decode_points(vae, hb, pts, num_chunks)[0].to(vdtype), mc_level)
-        big = topo.outside_value
-        s = torch.nan_to_num(s, nan=big, posinf=big, neginf=-big)
+        s = finite_endpoints(s, topo.outside_value)
         inv0, inv1 = inv0.to(h.device), inv1.to(h.device)
         verts = topo.vertices(s[inv0], s[inv1], 0.0)
         meshes.append((verts, topo.faces.to(h.device)))

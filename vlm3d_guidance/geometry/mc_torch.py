@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from . import device as _device
 from .grid import FieldGrid
 from .mc_tables import CENTER, CUBE_EDGES, FACE_CORNERS, corner_offset, triangle_table
 
@@ -63,7 +64,7 @@ def _finite_scale(d: torch.Tensor) -> torch.Tensor:
     (on the CPU, where a check is free, the slower NaN-safe pass runs only when needed)."""
     lo, hi = torch.aminmax(d)
     big = torch.maximum(-lo, hi)
-    if d.device.type == "cuda" or not bool(torch.isfinite(big)):
+    if not _device.host_reads_are_free(d.device) or not bool(torch.isfinite(big)):
         big = torch.nan_to_num(d.abs(), nan=0.0, posinf=0.0).amax()
     return torch.where(big > 0, big, torch.ones_like(big))
 

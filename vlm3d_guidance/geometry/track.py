@@ -92,6 +92,8 @@ def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype
     r = int(grid.resolution)
     if track.endpoints is None or track.grid != grid:
         reason = "first step" if track.endpoints is None else "grid changed"
+    elif track.endpoints.numel() == 0:
+        reason = "no previous surface"
     elif r % int(track.stride):
         reason = f"stride {track.stride} does not divide the resolution {r}"
     vals = known = topo = None
