@@ -64,7 +64,7 @@ def coarse_to_fine_sdf(decode, grid: FieldGrid, dilate: int = 1, device=None, dt
     if dilate:
         cells = F.max_pool3d(cells[None, None].float(), 2 * dilate + 1, stride=1, padding=dilate)[0, 0] > 0
     fine_cells = cells.repeat_interleave(2, 0).repeat_interleave(2, 1).repeat_interleave(2, 2)  # [R]^3
-    fetch(F.max_pool3d(fine_cells[None, None].float(), 2, stride=1, padding=1)[0, 0] > 0)
+    fetch(cell_corners(fine_cells))
     # 3. complete every crossed cube
     sdf, topo, _ = complete_crossed_cubes(vals, known, interp, fetch, grid)
     return sdf, known, topo
@@ -115,28 +115,63 @@ def _sign_change_cells(coarse: torch.Tensor) -> torch.Tensor:
     return (lo <= 0) & (hi >= 0)
 
 
+def dilate(mask: torch.Tensor, radius: int = 1) -> torch.Tensor:
+    """Boolean ``[N, N, N]`` mask grown by ``radius`` points along every axis (a cube, Chebyshev
+    distance), by shifted ORs (separable; much cheaper than ``max_pool3d`` on the CPU)."""
+    out = mask.clone()
+    for axis in range(3):
+        for _ in range(radius):
+            grown = out.clone()
+            lo, hi = [slice(None)] * 3, [slice(None)] * 3
+            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+            grown[tuple(lo)] |= out[tuple(hi)]
+            grown[tuple(hi)] |= out[tuple(lo)]
+            out = grown
+    return out
+
+
+def cell_corners(cells: torch.Tensor) -> torch.Tensor:
+    """``[R, R, R]`` cell mask -> ``[R+1]^3`` mask of every corner of those cells."""
+    r = cells.shape[0]
+    pts = torch.zeros((r + 1,) * 3, dtype=torch.bool, device=cells.device)
+    for dx in (0, 1):
+        for dy in (0, 1):
+            for dz in (0, 1):
+                pts[dx:dx + r, dy:dy + r, dz:dz + r] |= cells
+    return pts
+
+
+def crossing_endpoints(sdf: torch.Tensor) -> torch.Tensor:
+    """``[N, N, N]`` bool: grid points at an end of a grid edge whose ends differ in sign
+    (inside = ``sdf < 0``; NaN counts as outside, as in marching cubes). These are exactly the
+    endpoints of the edges that carry marching-cubes vertices, found from the signs alone."""
+    inside = sdf < 0
+    ends = torch.zeros_like(inside)
+    for axis in range(3):
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        cross = inside[tuple(lo)] != inside[tuple(hi)]
+        ends[tuple(lo)] |= cross
+        ends[tuple(hi)] |= cross
+    return ends
+
+
 def complete_crossed_cubes(vals, known, fill, fetch, grid: FieldGrid, max_rounds: int | None = None):
     """Grow the decoded set until every cube the surface crosses has its 8 corners decoded.
 
-    The field is ``vals`` where ``known``, ``fill`` elsewhere. Each round extracts the topology and
-    decodes the 3x3x3 neighbourhood of every crossing-edge endpoint where any of it is unknown.
+    The field is ``vals`` where ``known``, ``fill`` elsewhere. Each round finds the crossing edges
+    from the signs and decodes the 3x3x3 neighbourhood of every endpoint where any of it is unknown
+    (which covers the 8 corners of every cube around a crossing edge); then the topology is
+    extracted once.
 
     Returns ``(sdf, topology, rounds)``; with ``max_rounds``, stops early after that many rounds
     that decoded something and returns ``(sdf, None, rounds)`` (the caller decides what then).
     """
-    n = grid.num_points
     rounds = 0
     while True:
         sdf = torch.where(known, vals, fill)
-        topo = extract_topology(sdf, grid, 0.0)
-        if topo.is_empty:
-            return sdf, topo, rounds
-        ends = torch.cat([topo.edge_p0, topo.edge_p1]).to(known.device)
-        hood = torch.zeros(1, 1, n, n, n, device=known.device)
-        hood.view(-1)[ends] = 1.0
-        hood = F.max_pool3d(hood, 3, stride=1, padding=1)[0, 0] > 0
-        if not fetch(hood):
-            return sdf, topo, rounds
+        if not fetch(dilate(crossing_endpoints(sdf), 1)):
+            return sdf, extract_topology(sdf, grid, 0.0), rounds
         rounds += 1
         if max_rounds is not None and rounds >= max_rounds:
-            return sdf, None, rounds
+            return torch.where(known, vals, fill), None, rounds

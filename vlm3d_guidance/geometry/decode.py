@@ -34,6 +34,7 @@ from .adaptive import coarse_to_fine_sdf
 from .grid import FieldGrid, cached_points
 from .marching_cubes import extract_topology, finite_endpoints
 
+SHARE_KV = True  # default of decode_surface(share_kv=None); benchmarks switch it off for "before"
 GPU_CHUNK = 1 << 16  # query points per geo_decoder call on a GPU at least (not measured here: no GPU)
 
 
@@ -165,7 +166,7 @@ def decode_field(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1.0
 
 def decode_surface(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1.01,
                    mc_level: float = 0.0, num_chunks: int = 8000, return_sdf: bool = False,
-                   coarse_to_fine: bool = False, tracks=None, share_kv: bool = True):
+                   coarse_to_fine: bool = False, tracks=None, share_kv: bool | None = None):
     """Meshes from a clean latent whose vertices are differentiable w.r.t. ``x0``.
 
     Args: as :func:`decode_field`, plus
@@ -177,7 +178,8 @@ def decode_surface(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1
         tracks: optional list of ``B`` :class:`~.track.SurfaceTrack` (or None entries): decode each
             row around its previous surface (:func:`~.track.tracked_sdf`; a full coarse-to-fine
             decode on the first call and whenever the surface leaves the band); updated in place.
-        share_kv: compute the latents' k/v projection once per row (:func:`shared_kv`).
+        share_kv: compute the latents' k/v projection once per row (:func:`shared_kv`); None:
+            :data:`SHARE_KV` (True).
 
     Returns:
         list of ``B`` pairs ``(verts [V, 3] world coords, faces [F, 3] long)`` (outward winding,
@@ -190,6 +192,7 @@ def decode_surface(vae, x0: torch.Tensor, resolution: int = 64, box_v: float = 1
     if tracks is not None and len(tracks) != h.shape[0]:
         raise ValueError(f"got {len(tracks)} surface tracks for a batch of {h.shape[0]}; pass one per row")
     vdtype = torch.promote_types(h.dtype, torch.float32)
+    share_kv = SHARE_KV if share_kv is None else share_kv
     meshes, sdfs = [], []
     for b in range(h.shape[0]):
         hb = h[b: b + 1]

@@ -30,10 +30,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
 from .adaptive import (_fetcher, _lattice, _sign_change_cells, coarse_to_fine_sdf,
-                       complete_crossed_cubes)
+                       complete_crossed_cubes, dilate)
 from .grid import FieldGrid
 
 
@@ -100,13 +99,12 @@ def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype
     if reason is None:
         vals, known, fetch = _fetcher(decode, grid, device, dtype, None, stats)
         n = grid.num_points
-        seed = torch.zeros(1, 1, n, n, n, device=known.device)
-        seed.view(-1)[track.endpoints.to(known.device)] = 1.0
-        band = F.max_pool3d(seed, 2 * track.band + 1, stride=1, padding=track.band)[0, 0] > 0
+        seed = torch.zeros(n, n, n, dtype=torch.bool, device=known.device)
+        seed.view(-1)[track.endpoints.to(known.device)] = True
+        band = dilate(seed, int(track.band))
         fetch(band)
         coarse, interp = _lattice(vals, known, fetch, int(track.stride))
-        s = int(track.stride)
-        touched = F.max_pool3d(band[None, None].float(), s + 1, stride=s)[0, 0] > 0  # [R/s]^3
+        touched = _block_any(band, int(track.stride))  # [R/s]^3
         if bool((_sign_change_cells(coarse) & ~touched).any()):
             reason = "surface outside the band (sentinel lattice)"
         else:
@@ -124,3 +122,18 @@ def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype
                       dense=grid.num_points ** 3)
     track.history.append(track.last)
     return sdf, known, topo
+
+
+def _block_any(mask: torch.Tensor, s: int) -> torch.Tensor:
+    """``[R+1]^3`` point mask -> ``[R/s]^3``: does any point of lattice cell ``(I, J, K)`` (points
+    ``s I .. s I + s`` along every axis, both ends included) lie in ``mask``?"""
+    out = mask
+    for axis in range(3):
+        m = out.shape[axis] - 1  # = R
+        body = out.narrow(axis, 0, m)
+        shape = list(body.shape)
+        shape[axis:axis + 1] = [m // s, s]
+        blocks = body.reshape(shape).any(dim=axis + 1)  # points s I .. s I + s - 1
+        ends = out.index_select(axis, torch.arange(s, m + 1, s, device=mask.device))  # point s I + s
+        out = blocks | ends
+    return out
