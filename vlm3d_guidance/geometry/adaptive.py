@@ -119,14 +119,8 @@ def dilate(mask: torch.Tensor, radius: int = 1) -> torch.Tensor:
     """Boolean ``[N, N, N]`` mask grown by ``radius`` points along every axis (a cube, Chebyshev
     distance), by shifted ORs (separable; much cheaper than ``max_pool3d`` on the CPU)."""
     out = mask.clone()
-    for axis in range(3):
-        for _ in range(radius):
-            grown = out.clone()
-            lo, hi = [slice(None)] * 3, [slice(None)] * 3
-            lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-            grown[tuple(lo)] |= out[tuple(hi)]
-            grown[tuple(hi)] |= out[tuple(lo)]
-            out = grown
+    for _ in range(radius):
+        out = _dilate_axes(out, (0, 1, 2))
     return out
 
 
@@ -141,28 +135,42 @@ def cell_corners(cells: torch.Tensor) -> torch.Tensor:
     return pts
 
 
-def crossing_endpoints(sdf: torch.Tensor) -> torch.Tensor:
-    """``[N, N, N]`` bool: grid points at an end of a grid edge whose ends differ in sign
-    (inside = ``sdf < 0``; NaN counts as outside, as in marching cubes). These are exactly the
-    endpoints of the edges that carry marching-cubes vertices, found from the signs alone."""
+def crossed_cube_corners(sdf: torch.Tensor) -> torch.Tensor:
+    """``[N, N, N]`` bool: the 8 corners of every grid cube that has a crossing edge (inside =
+    ``sdf < 0``, NaN outside). For an edge along axis ``a`` these are its two ends and their
+    neighbours across the other two axes (the 4 cubes around the edge): exactly what marching
+    cubes reads around the surface, and nothing more."""
     inside = sdf < 0
-    ends = torch.zeros_like(inside)
+    out = torch.zeros_like(inside)
     for axis in range(3):
         lo, hi = [slice(None)] * 3, [slice(None)] * 3
         lo[axis], hi[axis] = slice(0, -1), slice(1, None)
-        cross = inside[tuple(lo)] != inside[tuple(hi)]
-        ends[tuple(lo)] |= cross
-        ends[tuple(hi)] |= cross
-    return ends
+        start = torch.zeros_like(inside)
+        start[tuple(lo)] = inside[tuple(lo)] != inside[tuple(hi)]
+        across = _dilate_axes(start, [b for b in range(3) if b != axis])
+        out |= across
+        out[tuple(hi)] |= across[tuple(lo)]
+    return out
+
+
+def _dilate_axes(mask: torch.Tensor, axes) -> torch.Tensor:
+    out = mask
+    for axis in axes:
+        grown = out.clone()
+        lo, hi = [slice(None)] * 3, [slice(None)] * 3
+        lo[axis], hi[axis] = slice(0, -1), slice(1, None)
+        grown[tuple(lo)] |= out[tuple(hi)]
+        grown[tuple(hi)] |= out[tuple(lo)]
+        out = grown
+    return out
 
 
 def complete_crossed_cubes(vals, known, fill, fetch, grid: FieldGrid, max_rounds: int | None = None):
     """Grow the decoded set until every cube the surface crosses has its 8 corners decoded.
 
     The field is ``vals`` where ``known``, ``fill`` elsewhere. Each round finds the crossing edges
-    from the signs and decodes the 3x3x3 neighbourhood of every endpoint where any of it is unknown
-    (which covers the 8 corners of every cube around a crossing edge); then the topology is
-    extracted once.
+    from the signs and decodes the corners of the cubes around them where unknown
+    (:func:`crossed_cube_corners`); then the topology is extracted once.
 
     Returns ``(sdf, topology, rounds)``; with ``max_rounds``, stops early after that many rounds
     that decoded something and returns ``(sdf, None, rounds)`` (the caller decides what then).
@@ -170,7 +178,7 @@ def complete_crossed_cubes(vals, known, fill, fetch, grid: FieldGrid, max_rounds
     rounds = 0
     while True:
         sdf = torch.where(known, vals, fill)
-        if not fetch(dilate(crossing_endpoints(sdf), 1)):
+        if not fetch(crossed_cube_corners(sdf)):
             return sdf, extract_topology(sdf, grid, 0.0), rounds
         rounds += 1
         if max_rounds is not None and rounds >= max_rounds:

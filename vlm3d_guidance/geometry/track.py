@@ -3,8 +3,8 @@
 The clean-latent estimate changes little between neighbouring sampling steps, so neither does its
 surface. :func:`tracked_sdf` decodes, on the fine grid:
 
-1. the band: every grid point within ``band`` cells (Chebyshev distance) of an endpoint of a
-   crossing edge of the PREVIOUS step's surface;
+1. the band: the corners of every cube the PREVIOUS step's surface crossed, grown by ``band``
+   cells (Chebyshev distance);
 2. a sparse sentinel lattice (every ``stride``-th point, ``stride`` dividing the resolution) that
    watches the rest of the box;
 3. then, as :func:`~.adaptive.complete_crossed_cubes`, the neighbourhood of every crossing edge
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adaptive import (_fetcher, _lattice, _sign_change_cells, coarse_to_fine_sdf,
-                       complete_crossed_cubes, dilate)
+                       complete_crossed_cubes, crossed_cube_corners, dilate)
 from .grid import FieldGrid
 
 
@@ -41,36 +41,37 @@ class SurfaceTrack:
     """One batch item's surface, carried from sampling step to sampling step.
 
     Attributes:
-        band: half width of the band around the previous surface, in fine cells (>= 1). One cell
-            covers a surface that moved less than a cell; the completion follows larger moves.
+        band: cells added around the previous surface's cubes (>= 0). The completion (step 3)
+            follows a surface that moved out of them, a round per cell, up to ``max_rounds``.
         stride: sentinel lattice spacing in fine cells (even, >= 2; when it does not divide the
             resolution, every step is a full coarse-to-fine decode).
         max_rounds: growth rounds of the completion before the surface counts as lost.
         grid: the grid of the previous surface (a different grid starts afresh).
-        endpoints: ``[P]`` long, flat grid indices of the previous surface's crossing-edge ends.
+        points: ``[P]`` long, flat grid indices of the corners of every cube the previous surface
+            crossed (what marching cubes read there, :func:`~.adaptive.crossed_cube_corners`).
         last: what the last call did: ``dict(mode="full"|"tracked", reason=str|None,
             queries=int, dense=int)`` (``reason`` says why a full decode ran).
         history: every ``last``, in order.
     """
 
-    band: int = 1
+    band: int = 0
     stride: int = 4
     max_rounds: int = 3
     grid: FieldGrid | None = None
-    endpoints: torch.Tensor | None = None
+    points: torch.Tensor | None = None
     last: dict | None = None
     history: list = field(default_factory=list)
 
     def __post_init__(self):
-        if int(self.band) < 1:
-            raise ValueError(f"band must be >= 1 cell, got {self.band}")
+        if int(self.band) < 0:
+            raise ValueError(f"band must be >= 0 cells, got {self.band}")
         if int(self.stride) < 2 or int(self.stride) % 2:
             raise ValueError(f"stride must be an even number >= 2, got {self.stride}")
         if int(self.max_rounds) < 1:
             raise ValueError(f"max_rounds must be >= 1, got {self.max_rounds}")
 
     def reset(self) -> None:
-        self.grid, self.endpoints = None, None
+        self.grid, self.points = None, None
 
 
 def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype=torch.float32):
@@ -89,9 +90,9 @@ def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype
     stats = {"queries": 0}
     reason = None
     r = int(grid.resolution)
-    if track.endpoints is None or track.grid != grid:
-        reason = "first step" if track.endpoints is None else "grid changed"
-    elif track.endpoints.numel() == 0:
+    if track.points is None or track.grid != grid:
+        reason = "first step" if track.points is None else "grid changed"
+    elif track.points.numel() == 0:
         reason = "no previous surface"
     elif r % int(track.stride):
         reason = f"stride {track.stride} does not divide the resolution {r}"
@@ -100,8 +101,8 @@ def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype
         vals, known, fetch = _fetcher(decode, grid, device, dtype, None, stats)
         n = grid.num_points
         seed = torch.zeros(n, n, n, dtype=torch.bool, device=known.device)
-        seed.view(-1)[track.endpoints.to(known.device)] = True
-        band = dilate(seed, int(track.band))
+        seed.view(-1)[track.points.to(known.device)] = True
+        band = dilate(seed, int(track.band)) if track.band else seed
         fetch(band)
         coarse, interp = _lattice(vals, known, fetch, int(track.stride))
         touched = _block_any(band, int(track.stride))  # [R/s]^3
@@ -117,7 +118,7 @@ def tracked_sdf(decode, grid: FieldGrid, track: SurfaceTrack, device=None, dtype
         sdf, known, topo = coarse_to_fine_sdf(decode, grid, device=device, dtype=dtype,
                                               initial=initial, stats=stats)
     track.grid = grid
-    track.endpoints = torch.unique(torch.cat([topo.edge_p0, topo.edge_p1]).to(known.device))
+    track.points = crossed_cube_corners(sdf).reshape(-1).nonzero().squeeze(1)
     track.last = dict(mode="full" if reason else "tracked", reason=reason, queries=stats["queries"],
                       dense=grid.num_points ** 3)
     track.history.append(track.last)
