@@ -77,6 +77,16 @@ class GuidanceConfig:
             affordable; but a piece thinner than two cells (here 0.03 world units) that no coarse
             point sees is missed, as it would be on a dense 64^3 grid. Default True; False decodes
             every grid point (exact).
+        track_surface: with ``coarse_to_fine``, decode from the second guided step on only a band
+            around the previous step's surface plus a sentinel lattice (every 4th point), with a
+            full coarse-to-fine decode whenever the surface leaves the band (recorded in the trace,
+            ``StepRecord.decoding``). Same mesh as coarse-to-fine while the surface is followed;
+            a new piece smaller than 4 cells between sentinel points is seen only at the next full
+            decode. Default True (no effect without ``coarse_to_fine``).
+        profile: time every stage of a guided step on CUDA (``StepRecord.seconds``), which costs two
+            device synchronisations per stage. Off (default), a CUDA step records only its total
+            time and reads the device once (reward, gradient check and norm together); on the CPU
+            stage times are always recorded (they need no synchronisation there).
     """
 
     lam: float = 0.02
@@ -97,6 +107,8 @@ class GuidanceConfig:
     fill: float | None = 0.9
     grid_resolution: int = 128
     coarse_to_fine: bool = True
+    track_surface: bool = True
+    profile: bool = False
 
     def __post_init__(self):
         self.validate()
@@ -121,6 +133,9 @@ class GuidanceConfig:
         _positive_int("grid_resolution", self.grid_resolution, minimum=8)
         if not isinstance(self.coarse_to_fine, bool):
             raise ValueError(f"coarse_to_fine must be True or False (got {self.coarse_to_fine!r})")
+        for name in ("track_surface", "profile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False (got {getattr(self, name)!r})")
         if self.coarse_to_fine and self.grid_resolution % 2:
             raise ValueError(f"coarse_to_fine needs an even grid_resolution (got {self.grid_resolution}); "
                              f"use {self.grid_resolution + 1}")

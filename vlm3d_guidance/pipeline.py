@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import GuidanceConfig, _positive_int
+from .geometry.device import read_host
 from .guidance.step import StepRecord, backward_scaled, normalized_update, reward_and_gradient, timed, zero_share
 from .surgery import _checkpointed, _dit_train_mode
 
@@ -217,6 +218,13 @@ class GuidedHunyuanPipeline:
             cameras = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov,
                                     device=device, bounds=box_v)
 
+        # one surface track per batch item: decode around the previous step's surface
+        tracks = None
+        if cfg.lam > 0 and cfg.coarse_to_fine and cfg.track_surface:
+            from .geometry import SurfaceTrack
+
+            tracks = [SurfaceTrack() for _ in range(batch_size)]
+
         trace: list[StepRecord] = []
         warned: set = set()
         bar = tqdm(timesteps, disable=not enable_pbar, desc="Guided sampling" if cfg.lam > 0 else "Sampling (unguided)")
@@ -234,14 +242,14 @@ class GuidedHunyuanPipeline:
             z = latents.detach().requires_grad_(True) if full else latents
             with _dit_train_mode(pipe.model, full):
                 with (torch.enable_grad() if full else torch.inference_mode()), \
-                        timed(record.seconds, "dit", device), _checkpointed(pipe.model, full and cfg.dit_checkpointing):
+                        timed(record.seconds, "dit", device, cfg.profile), _checkpointed(pipe.model, full and cfg.dit_checkpointing):
                     noise_pred = self._velocity(z, t, cond, guidance, guidance_scale, do_cfg)
 
                 update = None
                 if lam > 0:
                     update = self._guidance_update(z, noise_pred, sigma, lam, prompts, cameras, cfg, record,
                                                    box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                                   full=full, export_resolution=export_resolution)
+                                                   full=full, export_resolution=export_resolution, tracks=tracks)
                 else:
                     record.skipped = ["not scheduled"] * batch_size
 
@@ -326,7 +334,7 @@ class GuidedHunyuanPipeline:
         return noise_pred
 
     def _guidance_update(self, z, noise_pred, sigma, lam, prompts, cameras, cfg, record, *, box_v,
-                         mc_level, num_chunks, full, export_resolution=None):
+                         mc_level, num_chunks, full, export_resolution=None, tracks=None):
         """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran."""
         pipe = self.pipeline
         x0 = z + (1.0 - sigma) * noise_pred if full else (z.float() + (1.0 - sigma) * noise_pred.float()).clone()
@@ -337,13 +345,16 @@ class GuidedHunyuanPipeline:
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
                 num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill,
-                export_resolution=export_resolution)
-            grad = result.gradient
+                export_resolution=export_resolution, track=None if tracks is None else tracks[b], profile=cfg.profile)
+            record.decoding.append(None if tracks is None else tracks[b].last)
+            grad, grad_norm, zeros = result.gradient, result.grad_norm, result.zero_share
             if grad is not None and full:
-                with timed(record.seconds, "dit_backward", z.device):
+                with timed(record.seconds, "dit_backward", z.device, cfg.profile):
                     grad = backward_scaled(x0[b:b + 1], z, grad.to(x0.dtype), x0.dtype,
                                            retain_graph=b + 1 < z.shape[0])[b:b + 1]
-                if not torch.isfinite(grad).all():
+                grad_norm, finite, zeros = read_host(torch.stack([grad.double().norm(), torch.isfinite(grad).all().double(),
+                                                                  (grad == 0).double().mean()]))
+                if not finite:
                     grad, result.skipped = None, "non-finite gradient"
             record.reward.append(result.reward)
             record.skipped.append(result.skipped)
@@ -352,8 +363,8 @@ class GuidedHunyuanPipeline:
                 record.zero_share.append(None)
                 updates.append(torch.zeros_like(z[b:b + 1], dtype=torch.float32).detach())
                 continue
-            record.grad_norm.append(float(grad.float().norm()))
-            record.zero_share.append(zero_share(grad))
+            record.grad_norm.append(grad_norm)
+            record.zero_share.append(zeros)
             updates.append(normalized_update(grad.detach(), lam, cfg.normalize, cfg.clip))
             any_ran = True
         record.guided = any_ran

@@ -18,6 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
+_POINTS_CACHE: dict = {}
+_POINTS_CACHE_SIZE = 4
+
 
 @dataclass(frozen=True)
 class FieldGrid:
@@ -106,3 +109,16 @@ def as_stock_export(verts: torch.Tensor, octree_resolution: int, box_v: float = 
     sees the object where the exported mesh will be (differentiable, an affine map)."""
     r = int(octree_resolution)
     return (verts + box_v) * (r / (r + 1.0)) - box_v
+
+
+def cached_points(grid: FieldGrid, device=None, dtype=torch.float32) -> torch.Tensor:
+    """:meth:`FieldGrid.points`, built once per ``(resolution, box_v, device, dtype)`` and kept (the
+    last few such keys). The result is shared: do not modify it in place."""
+    key = (int(grid.resolution), float(grid.box_v), str(torch.device(device or "cpu")), dtype)
+    pts = _POINTS_CACHE.pop(key, None)
+    if pts is None:
+        pts = grid.points(device, dtype)
+        while len(_POINTS_CACHE) >= _POINTS_CACHE_SIZE:
+            _POINTS_CACHE.pop(next(iter(_POINTS_CACHE)))
+    _POINTS_CACHE[key] = pts  # most recent last
+    return pts

@@ -66,8 +66,9 @@ class MCTopology:
             does not cross); one row per Lewiner cube-centre vertex.
         faces: ``[F, 3]`` long into the vertex list ``[E edge vertices] + [C centre vertices]``,
             outward winding.
-        outside_value: the largest finite ``|sdf - iso|``; NaN endpoint values become
-            ``iso + outside_value`` (outside).
+        outside_value: the largest finite ``|sdf - iso|`` (a float, or a 0-d tensor on the field's
+            device from the torch backend: no host read); NaN endpoint values become
+            ``iso + outside_value`` (outside), see :func:`finite_endpoints`.
     """
 
     grid: FieldGrid
@@ -76,7 +77,7 @@ class MCTopology:
     edge_axis: torch.Tensor
     center_edges: torch.Tensor
     faces: torch.Tensor
-    outside_value: float = 1.0  # |sdf - iso| scale; NaN endpoints are replaced by iso + this
+    outside_value: float | torch.Tensor = 1.0  # |sdf - iso| scale; NaN endpoints -> iso + this
 
     @property
     def num_vertices(self) -> int:
@@ -105,7 +106,7 @@ class MCTopology:
         dev, dt = s0.device, s0.dtype
         p0 = grid.index_to_world(grid.unravel(self.edge_p0.to(dev)).to(dt))  # [E, 3]
         t = (iso - s0) / (s1 - s0)
-        step = torch.nn.functional.one_hot(self.edge_axis.to(dev), 3).to(dt) * grid.spacing
+        step = torch.eye(3, dtype=dt, device=dev)[self.edge_axis.to(dev)] * grid.spacing  # no index check
         ev = p0 + t[:, None] * step
         if self.center_edges.shape[0] == 0:
             return ev
@@ -136,8 +137,33 @@ def _empty_topology(grid: FieldGrid, big: float = 1.0) -> MCTopology:
                       torch.zeros(0, 3, dtype=torch.long), big)
 
 
-def extract_topology(sdf, grid: FieldGrid, iso: float = 0.0) -> MCTopology:
-    """Run step 1 (see module doc) on ``sdf`` (tensor or array ``[N, N, N]``, negative inside)."""
+# which topology extractor "auto" picks on the CPU (benchmarks/bench_step_speed.py measures both;
+# see benchmarks/RESULTS.md); on every other device it is always "torch" (no host round trip)
+CPU_BACKEND = "skimage"
+
+
+def resolve_backend(backend: str, device) -> str:
+    """``"torch"`` or ``"skimage"`` for ``backend`` in ("auto", "torch", "skimage") on ``device``."""
+    if backend not in ("auto", "torch", "skimage"):
+        raise ValueError(f"marching-cubes backend must be 'auto', 'torch' or 'skimage' (got {backend!r})")
+    if backend != "auto":
+        return backend
+    return CPU_BACKEND if torch.device(device).type == "cpu" else "torch"
+
+
+def extract_topology(sdf, grid: FieldGrid, iso: float = 0.0, backend: str = "auto") -> MCTopology:
+    """Run step 1 (see module doc) on ``sdf`` (tensor or array ``[N, N, N]``, negative inside).
+
+    ``backend``: "skimage" (Lewiner, on a host copy), "torch" (:mod:`.mc_torch`, on the field's
+    device: the same crossing edges, so the same edge vertices; triangles may differ in ambiguous
+    cubes), or "auto" (torch except on the CPU, where :data:`CPU_BACKEND`). The result's tensors
+    live on the CPU for "skimage" and on ``sdf``'s device for "torch"."""
+    dev = sdf.device if isinstance(sdf, torch.Tensor) else torch.device("cpu")
+    if resolve_backend(backend, dev) == "torch":
+        from .mc_torch import extract_topology_torch
+
+        t = sdf if isinstance(sdf, torch.Tensor) else torch.from_numpy(np.asarray(sdf))
+        return extract_topology_torch(t, grid, iso, outside_value=False)
     if isinstance(sdf, torch.Tensor):
         sdf = sdf.detach().cpu().numpy()
     sdf = np.asarray(sdf)
@@ -236,7 +262,15 @@ def extract_topology(sdf, grid: FieldGrid, iso: float = 0.0) -> MCTopology:
     return MCTopology(grid, t(e_p0), t(e_p1), t(e_axis), t(center_edges), t(faces), big)
 
 
-def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0):
+def finite_endpoints(s: torch.Tensor, big, iso: float = 0.0) -> torch.Tensor:
+    """``s`` with NaN and +inf -> ``iso + big`` (outside), -inf -> ``iso - big``; gradient 1 where
+    kept, 0 where replaced (as ``torch.nan_to_num``), and no host read when ``big`` is a tensor."""
+    big = torch.as_tensor(big, dtype=s.dtype, device=s.device)
+    s = torch.where(torch.isnan(s) | (s == float("inf")), iso + big, s)
+    return torch.where(s == -float("inf"), iso - big, s)
+
+
+def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0, backend: str = "auto"):
     """Differentiable marching cubes.
 
     Args:
@@ -245,6 +279,7 @@ def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0):
             NaN counts as outside.
         bounds: ``(lo, hi)`` symmetric world extent of the grid (default hy3dgen's ``box_v = 1.01``).
         iso: level of the surface.
+        backend: the topology extractor (see :func:`extract_topology`).
 
     Returns:
         ``verts [V, 3]`` world coordinates (dtype/device of ``sdf``, differentiable w.r.t. the
@@ -254,15 +289,12 @@ def marching_cubes(sdf: torch.Tensor, bounds=(-1.01, 1.01), iso: float = 0.0):
     if sdf.dim() != 3 or not (sdf.shape[0] == sdf.shape[1] == sdf.shape[2]):
         raise ValueError(f"sdf must be [N, N, N], got {tuple(sdf.shape)}")
     grid = FieldGrid.from_bounds(sdf.shape[0], bounds)
-    topo = extract_topology(sdf, grid, iso)
+    topo = extract_topology(sdf, grid, iso, backend)
     dev = sdf.device
     if topo.is_empty:
         return sdf.new_zeros(0, 3), torch.zeros(0, 3, dtype=torch.long, device=dev)
     flat = sdf.reshape(-1)
     # NaN / inf -> outside (finite); differentiable for the finite entries
-    big = topo.outside_value
-    s0 = flat[topo.edge_p0.to(dev)]
-    s1 = flat[topo.edge_p1.to(dev)]
-    s0 = torch.nan_to_num(s0, nan=iso + big, posinf=iso + big, neginf=iso - big)
-    s1 = torch.nan_to_num(s1, nan=iso + big, posinf=iso + big, neginf=iso - big)
+    s0 = finite_endpoints(flat[topo.edge_p0.to(dev)], topo.outside_value, iso)
+    s1 = finite_endpoints(flat[topo.edge_p1.to(dev)], topo.outside_value, iso)
     return topo.vertices(s0, s1, iso), topo.faces.to(dev)

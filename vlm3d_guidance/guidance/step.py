@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..geometry import as_stock_export, decode_surface
+from ..geometry.device import read_host
 from ..render import fit_to_points, render_views
 
 STAGES = ("dit", "decode", "render", "critic_forward", "critic_backward", "render_backward",
@@ -41,7 +42,12 @@ class StepRecord:
             schedule's last step, which does not move the latent; ``reward`` and ``grad_norm``
             are then empty), "empty surface", "non-finite reward" or "non-finite gradient"
             (``reward``/``grad_norm`` hold None for that item).
-        seconds: wall time per stage (keys from ``STAGES`` plus "step" for the whole step).
+        seconds: wall time per stage (keys from ``STAGES`` plus "step" for the whole step). On
+            CUDA the stages are timed only with ``GuidanceConfig.profile`` (each costs two device
+            synchronisations); on the CPU always.
+        decoding: per batch item, how the guidance grid was decoded (None where not decoded or
+            dense): ``dict(mode="full"|"tracked", reason, queries, dense)`` from the surface track
+            (``reason`` says why a full decode ran, e.g. the surface left the band).
     """
 
     step: int
@@ -53,16 +59,23 @@ class StepRecord:
     guided: bool = False
     skipped: list = field(default_factory=list)
     seconds: dict = field(default_factory=dict)
+    decoding: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dict(step=self.step, sigma=self.sigma, lam=self.lam, reward=self.reward,
                     grad_norm=self.grad_norm, zero_share=self.zero_share, guided=self.guided, skipped=self.skipped,
-                    seconds=self.seconds)
+                    seconds=self.seconds, decoding=self.decoding)
 
 
 @contextmanager
-def timed(seconds: dict, name: str, device: torch.device | None = None):
+def timed(seconds: dict, name: str, device: torch.device | None = None, profile: bool = True):
+    """Add the wall time of the block to ``seconds[name]``. On CUDA the device is synchronised
+    before and after (exact stage times), and only when ``profile``: otherwise nothing is timed
+    there (no synchronisation). On the CPU the time is always recorded (no synchronisation needed)."""
     if device is not None and device.type == "cuda":
+        if not profile:
+            yield
+            return
         torch.cuda.synchronize(device)
     start = time.perf_counter()
     try:
@@ -87,8 +100,11 @@ def backward_scaled(output: torch.Tensor, inputs: torch.Tensor, grad_output: tor
     def wide(g, scale):
         return None if g is None else g.to(torch.promote_types(g.dtype, torch.float32)) / scale
 
+    if low_dtype != torch.float16:  # no read of the device: only float16 needs the scale
+        (g,) = torch.autograd.grad(output, inputs, grad_output, allow_unused=True, **kwargs)
+        return wide(g, 1.0)
     peak = float(grad_output.detach().abs().max()) if grad_output.numel() else 0.0
-    if low_dtype != torch.float16 or not math.isfinite(peak) or peak == 0.0:
+    if not math.isfinite(peak) or peak == 0.0:
         (g,) = torch.autograd.grad(output, inputs, grad_output, allow_unused=True, **kwargs)
         return wide(g, 1.0)
     scale = 2.0 ** (math.ceil(math.log2(target)) - math.ceil(math.log2(peak)))
@@ -110,7 +126,8 @@ def zero_share(gradient: torch.Tensor) -> float:
 class RewardResult:
     """Reward and gradient of one batch item's clean latent.
 
-    ``gradient`` has the shape of the latent given ([1, L, C]) or is None with ``skipped`` set.
+    ``gradient`` has the shape of the latent given ([1, L, C]) or is None with ``skipped`` set;
+    ``grad_norm`` is its L2 norm (read together with the reward: one device read per call).
     """
 
     reward: float | None
@@ -118,6 +135,8 @@ class RewardResult:
     skipped: str | None
     images: torch.Tensor | None = None
     cameras: object = None
+    grad_norm: float | None = None
+    zero_share: float | None = None
 
 
 def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, box_v: float,
@@ -125,7 +144,7 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
                         backend: str, num_chunks: int, seconds: dict,
                         want_gradient: bool = True, keep_images: bool = False,
                         coarse_to_fine: bool = False, fill: float | None = None,
-                        export_resolution: int | None = None) -> RewardResult:
+                        export_resolution: int | None = None, track=None, profile: bool = False) -> RewardResult:
     """The critic's reward of one clean latent and its gradient w.r.t. that latent.
 
     Args:
@@ -145,6 +164,12 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
             marching cubes makes it: the guidance mesh is then placed where that export puts the
             surface (:func:`~vlm3d_guidance.geometry.as_stock_export`, which shrinks by R/(R+1)
             towards ``-box_v``), so the critic's views match the export; None renders it as decoded.
+        track: a :class:`~vlm3d_guidance.geometry.SurfaceTrack` to decode around the previous
+            step's surface (with ``coarse_to_fine``), updated in place; None: no tracking.
+        profile: time the stages on CUDA too (synchronising around each, see :func:`timed`).
+
+    The device is read once per call (reward, gradient finiteness and norm in one transfer);
+    the backward passes run before it, also when the reward turns out non-finite.
 
     Returns:
         :class:`RewardResult`; ``skipped`` is "empty surface", "non-finite reward" or
@@ -154,11 +179,12 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
     with torch.enable_grad() if want_gradient else torch.no_grad():
         leaf = x0.detach().requires_grad_(want_gradient)
         vae_dtype = next(vae.parameters()).dtype
-        with timed(seconds, "decode", device):
+        with timed(seconds, "decode", device, profile):
             (verts, faces), = decode_surface(vae, leaf.to(vae_dtype), resolution=grid_resolution,
                                              box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                             coarse_to_fine=coarse_to_fine)
-        if faces.shape[0] == 0:
+                                             coarse_to_fine=coarse_to_fine,
+                                             tracks=None if track is None else [track])
+        if faces.shape[0] == 0:  # a shape the host knows already: no device read
             return RewardResult(None, None, "empty surface")
         # Render in float32 at least (float64 stays float64: exact gradient checks need it).
         verts_in = verts.detach().to(torch.promote_types(verts.dtype, torch.float32))
@@ -166,29 +192,41 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         placed = verts_in if export_resolution is None else as_stock_export(verts_in, export_resolution, box_v)
         if fill is not None:
             cameras = fit_to_points(cameras, placed.detach(), fill)
-        with timed(seconds, "render", device):
+        with timed(seconds, "render", device, profile):
             images = render_views(placed, faces, cameras, size=render_size, shading=shading,
                                   backend=backend)
         images_in = images.detach().requires_grad_(want_gradient)
-        with timed(seconds, "critic_forward", device):
+        with timed(seconds, "critic_forward", device, profile):
             reward = critic.reward(images_in, prompt)
-        value = float(reward.detach())
         kept = images.detach() if keep_images else None
-        if not math.isfinite(value):
-            return RewardResult(None, None, "non-finite reward", kept, cameras)
         if not want_gradient:
+            value = float(reward.detach())
+            if not math.isfinite(value):
+                return RewardResult(None, None, "non-finite reward", kept, cameras)
             return RewardResult(value, None, None, kept, cameras)
-        with timed(seconds, "critic_backward", device):
+        with timed(seconds, "critic_backward", device, profile):
             (g_images,) = torch.autograd.grad(reward, images_in)
-        with timed(seconds, "render_backward", device):
+        with timed(seconds, "render_backward", device, profile):
             (g_verts,) = torch.autograd.grad(images, verts_in, g_images)
-        with timed(seconds, "decode_backward", device):
+        with timed(seconds, "decode_backward", device, profile):
             g_x0 = backward_scaled(verts, leaf, g_verts.to(verts.dtype), vae_dtype)
             if g_x0 is not None:
                 g_x0 = g_x0.to(leaf.dtype)
-    if g_x0 is None or not torch.isfinite(g_x0).all():
+    if g_x0 is None:
+        value = float(reward.detach())
+        if not math.isfinite(value):
+            return RewardResult(None, None, "non-finite reward", kept, cameras)
         return RewardResult(value, None, "non-finite gradient", kept, cameras)
-    return RewardResult(value, g_x0, None, kept, cameras)
+    # the one device read of the step: reward, "gradient finite" and its norm together
+    g = g_x0.detach()
+    value, finite, norm, zeros = read_host(torch.stack([
+        reward.detach().to(g.device, torch.float64).reshape(()), torch.isfinite(g).all().double(),
+        g.double().norm(), (g == 0).double().mean()]))
+    if not math.isfinite(value):
+        return RewardResult(None, None, "non-finite reward", kept, cameras)
+    if not finite:
+        return RewardResult(value, None, "non-finite gradient", kept, cameras)
+    return RewardResult(value, g_x0, None, kept, cameras, grad_norm=norm, zero_share=zeros)
 
 
 @torch.no_grad()
@@ -225,8 +263,7 @@ def normalized_update(gradient: torch.Tensor, lam: float, normalize: str, clip: 
         rms = g.pow(2).mean().sqrt()
         g = g / rms.clamp_min(torch.finfo(g.dtype).tiny)
     update = lam * g
-    if clip is not None:
+    if clip is not None:  # scale by min(1, clip / rms) without reading the device
         rms = update.pow(2).mean().sqrt()
-        if rms > clip:
-            update = update * (clip / rms)
+        update = update * (clip / rms).clamp(max=1.0)
     return update

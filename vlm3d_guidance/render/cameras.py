@@ -120,7 +120,10 @@ def projected_extent(cams: Cameras, points: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         clip = cams.to_clip(points.detach().to(cams.view.dtype))  # [N, P, 4]
         w = clip[..., 3]
-        if not bool((w > 0).all()):
+        from ..geometry.device import host_reads_are_free
+
+        # checked where a read is free (CPU); on a GPU the guided step's cameras orbit outside the box
+        if host_reads_are_free(points.device) and not bool((w > 0).all()):
             raise ValueError("some points lie behind a camera; frame points inside the cameras' orbit")
         ndc = clip[..., :2] / w[..., None]
         lo, hi = ndc.amin(dim=1), ndc.amax(dim=1)
