@@ -288,24 +288,34 @@ class GuidedHunyuanPipeline:
 
     def _guidance_update(self, z, noise_pred, sigma, lam, prompts, cameras, cfg, record, *, box_v,
                          mc_level, num_chunks, full, export_resolution=None):
-        """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran."""
+        """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran.
+
+        Each item's reward gradient w.r.t. its clean latent comes from its own decode, render and
+        critic pass; in "full" mode ONE backward through the DiT then carries all of them at once
+        (``d sum_b <x0_b, g_b> / d z``: batch items do not interact in the DiT, so its row ``b`` is
+        item ``b``'s gradient), instead of one backward per item with the graph retained.
+        """
         pipe = self.pipeline
         x0 = z + (1.0 - sigma) * noise_pred if full else (z.float() + (1.0 - sigma) * noise_pred.float()).clone()
-        updates, any_ran = [], False
+        results = []
         for b in range(z.shape[0]):
-            result = reward_and_gradient(
+            results.append(reward_and_gradient(
                 x0[b:b + 1] if not full else x0[b:b + 1].detach(), pipe.vae, self.critic, prompts[b], cameras,
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
                 num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill,
-                export_resolution=export_resolution)
-            grad = result.gradient
-            if grad is not None and full:
-                with timed(record.seconds, "dit_backward", z.device):
-                    grad = backward_scaled(x0[b:b + 1], z, grad.to(x0.dtype), x0.dtype,
-                                           retain_graph=b + 1 < z.shape[0])[b:b + 1]
-                if not torch.isfinite(grad).all():
-                    grad, result.skipped = None, "non-finite gradient"
+                export_resolution=export_resolution))
+        grads = [r.gradient for r in results]
+        if full and any(g is not None for g in grads):
+            g_x0 = torch.cat([torch.zeros_like(x0[b:b + 1]) if g is None else g.to(x0.dtype)
+                              for b, g in enumerate(grads)]).detach()
+            with timed(record.seconds, "dit_backward", z.device):
+                g_z = backward_scaled(x0, z, g_x0, x0.dtype)
+            grads = [None if g is None else g_z[b:b + 1] for b, g in enumerate(grads)]
+        updates, any_ran = [], False
+        for b, (result, grad) in enumerate(zip(results, grads)):
+            if grad is not None and not torch.isfinite(grad).all():
+                grad, result.skipped = None, "non-finite gradient"
             record.reward.append(result.reward)
             record.skipped.append(result.skipped)
             if grad is None:
