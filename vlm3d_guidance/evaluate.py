@@ -344,23 +344,27 @@ def render_clay_views(
     elevation: float = 20.0,
     size: int = 224,
     device: Any = "cpu",
+    fill: float | None = 0.9,
 ):
     """Clay-shaded views of ``mesh`` on an orbit, as a float tensor ``[N, 3, size, size]`` in [0, 1].
 
     Uses :func:`vlm3d_guidance.render.orbit_cameras` and :func:`vlm3d_guidance.render.render_views`
     (imported here, so a missing render stage only disables the functions that need pixels). The
-    mesh is rendered in its own frame (Hunyuan3D meshes live in ``[-1.01, 1.01]^3``, which the
-    orbit frames); no normalisation is applied, so a baseline and a guided mesh are seen by the
-    same cameras. Coincident vertices are merged first (a welded mesh shades smoothly).
+    mesh is rendered in its own frame (Hunyuan3D meshes live in ``[-1.01, 1.01]^3``), the orbit
+    fitted to it as the critic's is during guidance (``fill`` of the image, see
+    :class:`~vlm3d_guidance.config.GuidanceConfig`; None frames the whole box, the same cameras for
+    every mesh). Coincident vertices are merged first (a welded mesh shades smoothly).
     """
     import torch
 
-    from vlm3d_guidance.render import orbit_cameras, render_views
+    from vlm3d_guidance.render import fit_to_points, orbit_cameras, render_views
 
     m, _ = _merged(_as_trimesh(mesh))  # welded: smooth clay shading and silhouette antialias
     verts = torch.as_tensor(np.asarray(m.vertices), dtype=torch.float32, device=device).reshape(-1, 3)
     faces = torch.as_tensor(np.asarray(m.faces), dtype=torch.long, device=device).reshape(-1, 3)
     cams = orbit_cameras(num_views=num_views, elevation=elevation, device=device)
+    if fill is not None and len(verts):
+        cams = fit_to_points(cams, verts, fill)
     with torch.no_grad():
         images = _images_from_render(render_views(verts, faces, cams, size=size, shading="clay"))
     return images.detach().float().clamp(0.0, 1.0)
