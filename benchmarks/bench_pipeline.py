@@ -7,7 +7,8 @@ Measured in one run, reported as ratios:
      (DiT, decode+mesh, render, critic forward, critic backward, render backward, decode backward).
 
 The tiny models make the DiT and the VLM nearly free, so the split shows what OUR stages cost at
-the default guidance settings (64^3 guidance grid, 4 views x 448 px). The real-size numbers come
+the default guidance settings (128^3 coarse-to-fine guidance grid, views fitted to the mesh, 4 views x
+448 px). The real-size numbers come
 from ``bench_gpu.py`` when a GPU is lent.
 
     python benchmarks/bench_pipeline.py [--quick]
