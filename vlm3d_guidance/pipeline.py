@@ -307,7 +307,8 @@ class GuidedHunyuanPipeline:
                 export_resolution=export_resolution))
         grads = [r.gradient for r in results]
         if full and any(g is not None for g in grads):
-            g_x0 = torch.cat([torch.zeros_like(x0[b:b + 1]) if g is None else g.to(x0.dtype)
+            wide = torch.promote_types(x0.dtype, torch.float32)  # scaled before any float16 cast
+            g_x0 = torch.cat([torch.zeros_like(x0[b:b + 1], dtype=wide) if g is None else g.to(wide)
                               for b, g in enumerate(grads)]).detach()
             with timed(record.seconds, "dit_backward", z.device):
                 g_z = backward_scaled(x0, z, g_x0, x0.dtype)
