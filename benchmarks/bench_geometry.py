@@ -16,7 +16,7 @@ import time
 import torch
 
 from vlm3d_guidance.geometry import marching_cubes
-from vlm3d_guidance.render import orbit_cameras, render_views
+from vlm3d_guidance.render import fit_to_points, orbit_cameras, render_views
 
 
 def sphere(n, r=0.7):
@@ -59,7 +59,8 @@ def main(argv=None):
         t_fb, _ = best_of(fb, reps)
         rows.append((f"marching cubes {n}^3", f"{f.shape[0]} tris", t_f, t_fb))
 
-    cams = orbit_cameras(4)
+    box_cams = orbit_cameras(4)  # the old framing (whole box), for comparison
+    cams = fit_to_points(box_cams, marching_cubes(sphere(64))[0].detach(), 0.9)  # the critic's default framing
     n_big = 96 if args.quick else 150  # ~100k triangles at 150^3 for this shape
     vb, fbig = marching_cubes(sphere(n_big))
     vb = vb.detach()
@@ -73,6 +74,8 @@ def main(argv=None):
     t_rf, _ = best_of(lambda: render_views(vb, fbig, cams, size=img, shading="clay", backend="torch"), reps)
     t_rfb, _ = best_of(render_fb, reps)
     rows.append((f"render 4 x {img} px clay", f"{fbig.shape[0]} tris", t_rf, t_rfb))
+    t_bf, _ = best_of(lambda: render_views(vb, fbig, box_cams, size=img, shading="clay", backend="torch"), reps)
+    rows.append((f"  same, box-framed (old default)", f"{fbig.shape[0]} tris", t_bf, float("nan")))
 
     n_chain = 64 if args.quick else 128
     sdf = sphere(n_chain)

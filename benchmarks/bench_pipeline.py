@@ -7,7 +7,8 @@ Measured in one run, reported as ratios:
      (DiT, decode+mesh, render, critic forward, critic backward, render backward, decode backward).
 
 The tiny models make the DiT and the VLM nearly free, so the split shows what OUR stages cost at
-the default guidance settings (64^3 guidance grid, 4 views x 448 px). The real-size numbers come
+the default guidance settings (128^3 coarse-to-fine guidance grid, views fitted to the mesh, 4 views x
+448 px). The real-size numbers come
 from ``bench_gpu.py`` when a GPU is lent.
 
     python benchmarks/bench_pipeline.py [--quick]
@@ -115,19 +116,23 @@ def main(argv=None) -> int:
     print(f"| x0 | {guided_step:.4f} | 1.00 |")
     print(f"| full (through the DiT) | {full_step:.4f} | {full_step / guided_step:.2f} |")
 
-    # 4. coarse-to-fine decoding of the guidance grid (same meshes here, fewer decoder queries).
-    c2f = pipe(image=image, prompt=prompt, generator=torch.manual_seed(0), output_type="latent",
-               return_dict=True, coarse_to_fine=True, **call)
-    same = torch.equal(c2f.latents, out.latents)
-    c2f_guided = [r for r in c2f.trace if r.guided]
-    c2f_step = statistics.median(r.seconds["step"] for r in c2f_guided)
-    dense_decode = statistics.median(r.seconds["decode"] for r in guided)
-    c2f_decode = statistics.median(r.seconds["decode"] for r in c2f_guided)
-    print(f"\n| guidance grid decoding (x0 mode) | decode s | step s | step ratio |")
+    # 4. the default coarse-to-fine guidance grid against the dense one, and the old default
+    #    (64^3 dense, box-framed views): same meshes for dense vs coarse-to-fine, fewer queries.
+    dense = pipe(image=image, prompt=prompt, generator=torch.manual_seed(0), output_type="latent",
+                 return_dict=True, coarse_to_fine=False, **call)
+    old = pipe(image=image, prompt=prompt, generator=torch.manual_seed(0), output_type="latent",
+               return_dict=True, coarse_to_fine=False, grid_resolution=64, fill=None, **call)
+    same = torch.equal(dense.latents, out.latents)
+    rows = [(f"dense {cfg.grid_resolution + 1}^3", dense), (f"coarse_to_fine {cfg.grid_resolution + 1}^3 (default; "
+            f"latents {'bit-identical' if same else 'DIFFER'} to dense)", out),
+            ("old default: dense 65^3, box-framed views", old)]
+    base_step = statistics.median(r.seconds["step"] for r in dense.trace if r.guided)
+    print("\n| guidance grid decoding (x0 mode) | decode s | step s | step ratio |")
     print("|---|---|---|---|")
-    print(f"| dense {cfg.grid_resolution + 1}^3 | {dense_decode:.4f} | {guided_step:.4f} | 1.00 |")
-    print(f"| coarse_to_fine (latents {'bit-identical' if same else 'DIFFER'}) | {c2f_decode:.4f} | "
-          f"{c2f_step:.4f} | {c2f_step / guided_step:.2f} |")
+    for label, run in rows:
+        g = [r for r in run.trace if r.guided]
+        dec, step = statistics.median(r.seconds["decode"] for r in g), statistics.median(r.seconds["step"] for r in g)
+        print(f"| {label} | {dec:.4f} | {step:.4f} | {step / base_step:.2f} |")
     return 0
 
 

@@ -468,9 +468,14 @@ def test_critic_rewards(tiny_critic):
     rewards = ev.critic_rewards(mesh, tiny_critic, "a ball", num_views=2, size=56)
     assert set(rewards) == {"dual", "content", "geometry"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in rewards.values())
-    # each number is that query's critic on the same clay views
-    images = ev.clay_views(mesh, num_views=2, size=56)
-    assert images.shape == (2, 3, 56, 56) and 0.0 <= float(images.min()) and float(images.max()) <= 1.0
+    # each number is that query's critic on the critic's clay views, rendered here with the public
+    # render API (the orbit fitted to the mesh, as during guidance), not with evaluate's own helpers
+    from vlm3d_guidance.render import fit_to_points, orbit_cameras, render_views
+
+    v = torch.tensor(mesh.vertices, dtype=torch.float32)
+    f = torch.tensor(mesh.faces)
+    with torch.no_grad():
+        images = render_views(v, f, fit_to_points(orbit_cameras(2), v, 0.9), size=56, shading="clay")
     for name in ("dual", "content", "geometry"):
         scorer = VLMCritic(tiny_critic.model, tiny_critic.processor, query=name, reward_mode="logit")
         with torch.no_grad():

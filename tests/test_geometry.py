@@ -95,12 +95,21 @@ def test_empty_and_exact_iso_and_nan():
     assert (s == 0).sum() > 50
     v, f = marching_cubes(s)
     assert tm(v, f).is_watertight and tm(v, f).volume > 0
-    # NaN counts as outside
+    # NaN counts as outside: a NaN inside the sphere opens an inner surface around it, exactly as an
+    # outside value there would
     s = sphere_sdf(33, r=0.5)
-    s[0, 0, 0] = float("nan")
-    s[16, 16, 16] = float("nan")  # a hole in the middle -> an inner surface
+    v_clean, f_clean = marching_cubes(s)
+    s[16, 16, 16] = float("nan")  # deep inside: changes the surface
+    s[14, 18, 16] = float("nan")
     v, f = marching_cubes(s)
+    ref = s.clone()
+    ref[torch.isnan(ref)] = 0.25  # an ordinary outside value at the same points
+    v_ref, f_ref = marching_cubes(ref)
     assert torch.isfinite(v).all() and tm(v, f).is_watertight
+    assert f.shape[0] > f_clean.shape[0] and len(tm(v, f).split(only_watertight=False)) == 3
+    assert torch.equal(f, f_ref)  # the same surface; only the vertices next to the NaNs move (by their value)
+    moved = (v - v_ref).norm(dim=1) > 1e-12
+    assert 0 < int(moved.sum()) <= 12 and float((v - v_ref).abs().max()) < 0.05
 
 
 def test_random_field_watertight_with_centre_vertices():

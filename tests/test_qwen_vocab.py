@@ -36,7 +36,6 @@ def real_critic(tiny_root):
     from transformers.convert_slow_tokenizer import TikTokenConverter
     from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-    pytest.importorskip("tiktoken", reason="the test extra installs tiktoken (pip install -e '.[test]')")
     backend = TikTokenConverter(vocab_file=str(VOCAB), pattern=PRETOKENIZE_REGEX,
                                 extra_special_tokens=list(SPECIAL_TOKENS + EXTRA_TOKENS)).converted()
     backend.normalizer = normalizers.NFC()

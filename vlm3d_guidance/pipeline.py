@@ -335,27 +335,46 @@ class GuidedHunyuanPipeline:
 
     def _guidance_update(self, z, noise_pred, sigma, lam, prompts, cameras, cfg, record, *, box_v,
                          mc_level, num_chunks, full, export_resolution=None, tracks=None):
-        """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran."""
+        """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran.
+
+        Each item's reward gradient w.r.t. its clean latent comes from its own decode, render and
+        critic pass; in "full" mode ONE backward through the DiT then carries all of them at once
+        (``d sum_b <x0_b, g_b> / d z``: batch items do not interact in the DiT, so its row ``b`` is
+        item ``b``'s gradient), instead of one backward per item with the graph retained. Each
+        item's gradient check, norm and zero share come back in one device read.
+        """
         pipe = self.pipeline
         x0 = z + (1.0 - sigma) * noise_pred if full else (z.float() + (1.0 - sigma) * noise_pred.float()).clone()
-        updates, any_ran = [], False
+        results = []
         for b in range(z.shape[0]):
-            result = reward_and_gradient(
+            results.append(reward_and_gradient(
                 x0[b:b + 1] if not full else x0[b:b + 1].detach(), pipe.vae, self.critic, prompts[b], cameras,
                 box_v=box_v, mc_level=mc_level, grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
                 num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill,
-                export_resolution=export_resolution, track=None if tracks is None else tracks[b], profile=cfg.profile)
+                export_resolution=export_resolution, track=None if tracks is None else tracks[b],
+                profile=cfg.profile))
             record.decoding.append(None if tracks is None else tracks[b].last)
-            grad, grad_norm, zeros = result.gradient, result.grad_norm, result.zero_share
-            if grad is not None and full:
-                with timed(record.seconds, "dit_backward", z.device, cfg.profile):
-                    grad = backward_scaled(x0[b:b + 1], z, grad.to(x0.dtype), x0.dtype,
-                                           retain_graph=b + 1 < z.shape[0])[b:b + 1]
-                grad_norm, finite, zeros = read_host(torch.stack([grad.double().norm(), torch.isfinite(grad).all().double(),
-                                                                  (grad == 0).double().mean()]))
-                if not finite:
-                    grad, result.skipped = None, "non-finite gradient"
+        grads = [r.gradient for r in results]
+        norms = [(r.grad_norm, r.zero_share) for r in results]
+        if full and any(g is not None for g in grads):
+            wide = torch.promote_types(x0.dtype, torch.float32)  # scaled before any float16 cast
+            g_x0 = torch.cat([torch.zeros_like(x0[b:b + 1], dtype=wide) if g is None else g.to(wide)
+                              for b, g in enumerate(grads)]).detach()
+            with timed(record.seconds, "dit_backward", z.device, cfg.profile):
+                g_z = backward_scaled(x0, z, g_x0, x0.dtype)
+            grads = [None if g is None else g_z[b:b + 1] for b, g in enumerate(grads)]
+            stats = read_host(torch.stack([torch.stack([g.double().norm(), torch.isfinite(g).all().double(),
+                                                        (g == 0).double().mean()])
+                                           for g in g_z.split(1)]).reshape(-1))
+            norms = []
+            for b, g in enumerate(grads):
+                n_b, finite, zeros = stats[3 * b:3 * b + 3]
+                if g is not None and not finite:
+                    grads[b], results[b].skipped = None, "non-finite gradient"
+                norms.append((n_b, zeros))
+        updates, any_ran = [], False
+        for b, (result, grad) in enumerate(zip(results, grads)):
             record.reward.append(result.reward)
             record.skipped.append(result.skipped)
             if grad is None:
@@ -363,8 +382,8 @@ class GuidedHunyuanPipeline:
                 record.zero_share.append(None)
                 updates.append(torch.zeros_like(z[b:b + 1], dtype=torch.float32).detach())
                 continue
-            record.grad_norm.append(grad_norm)
-            record.zero_share.append(zeros)
+            record.grad_norm.append(norms[b][0])
+            record.zero_share.append(norms[b][1])
             updates.append(normalized_update(grad.detach(), lam, cfg.normalize, cfg.clip))
             any_ran = True
         record.guided = any_ran

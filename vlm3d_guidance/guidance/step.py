@@ -126,8 +126,9 @@ def zero_share(gradient: torch.Tensor) -> float:
 class RewardResult:
     """Reward and gradient of one batch item's clean latent.
 
-    ``gradient`` has the shape of the latent given ([1, L, C]) or is None with ``skipped`` set;
-    ``grad_norm`` is its L2 norm (read together with the reward: one device read per call).
+    ``gradient`` has the shape of the latent given ([1, L, C]), its dtype promoted to at least
+    float32, or is None with ``skipped`` set; ``grad_norm`` and ``zero_share`` are its L2 norm
+    and share of exact zeros (read together with the reward: one device read per call).
     """
 
     reward: float | None
@@ -148,7 +149,7 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
     """The critic's reward of one clean latent and its gradient w.r.t. that latent.
 
     Args:
-        x0: clean-latent estimate ``[1, L, C]`` (any float dtype; the gradient has its dtype).
+        x0: clean-latent estimate ``[1, L, C]`` (any float dtype; the gradient has it, at least float32).
         vae: hy3dgen ``ShapeVAE`` (``vae(x / scale_factor)`` then ``vae.geo_decoder``).
         critic: a :class:`~vlm3d_guidance.critic.VLMCritic` (may live on another device).
         prompt: the description inserted into the critic's query.
@@ -210,8 +211,8 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
             (g_verts,) = torch.autograd.grad(images, verts_in, g_images)
         with timed(seconds, "decode_backward", device, profile):
             g_x0 = backward_scaled(verts, leaf, g_verts.to(verts.dtype), vae_dtype)
-            if g_x0 is not None:
-                g_x0 = g_x0.to(leaf.dtype)
+            if g_x0 is not None:  # kept in float32 at least: a float16 cast would underflow it again
+                g_x0 = g_x0.to(torch.promote_types(leaf.dtype, torch.float32))
     if g_x0 is None:
         value = float(reward.detach())
         if not math.isfinite(value):
