@@ -7,6 +7,7 @@ Commands::
     vlm3d-guide --tiny --image ref.png -o out/          # built-in tiny models: offline, seconds
     vlm3d-guide batch inputs/ -o out/                   # a folder of images or a JSONL manifest
     vlm3d-guide eval out/                               # report.json / report.md / report.png
+    vlm3d-guide serve --tiny                            # a web page (vlm3d_guidance.app)
 
 One run writes into its output folder (each file atomically, ``config.json`` last)::
 
@@ -238,7 +239,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         usage=(f"{PROG} --image IMAGE [--prompt TEXT] -o OUT [options]\n"
                f"       {PROG} batch INPUTS -o OUT [options]     (see '{PROG} batch --help')\n"
-               f"       {PROG} eval DIR [options]                (see '{PROG} eval --help')"),
+               f"       {PROG} eval DIR [options]                (see '{PROG} eval --help')\n"
+               f"       {PROG} serve [--tiny | --toy] [options]  (a web page; see '{PROG} serve --help')"),
         description=("Generate a Hunyuan3D shape from a reference image with a vision-language critic "
                      "steering every sampling step (VLM3D, sec. 4.3.2). Try it offline in seconds with "
                      "--tiny."),
@@ -1211,7 +1213,7 @@ def main(argv=None) -> int:
     if "--quiet" in argv:
         _silence_progress_bars()
     command, rest = "run", argv
-    if argv and argv[0] in ("batch", "eval"):
+    if argv and argv[0] in ("batch", "eval", "serve"):
         command, rest = argv[0], argv[1:]
     with contextlib.suppress(ValueError):  # not in the main thread (e.g. a notebook): keep defaults
         signal.signal(signal.SIGTERM, _terminate)
@@ -1220,6 +1222,10 @@ def main(argv=None) -> int:
             return run_batch(rest)
         if command == "eval":
             return run_eval(rest)
+        if command == "serve":  # the web app (vlm3d_guidance.app): parses its own options, serves until Ctrl-C
+            from .app import serve_main
+
+            return serve_main(rest)
         return run_single(rest)
     except UsageError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
