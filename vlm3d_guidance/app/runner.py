@@ -43,12 +43,12 @@ class Models:
 def _toy_module():
     try:
         return importlib.import_module("vlm3d_guidance.toy")
-    except ImportError as exc:
+    except Exception as exc:  # absent (ImportError) or broken
         from .. import cli
 
         raise cli.UsageError(f"--toy needs vlm3d_guidance.toy (the trained toy world), which this install "
-                             f"lacks ({exc}); update vlm3d_guidance, or use --tiny or the normal model "
-                             "options") from None
+                             f"lacks or cannot import ({type(exc).__name__}: {exc}); update vlm3d_guidance, "
+                             "or use --tiny or the normal model options") from None
 
 
 def load_models(args, *, toy: bool = False) -> Models:
@@ -103,7 +103,7 @@ def write_examples(folder: Path, toy: bool | None = None, repo_example: Path | N
         try:
             toy_module = importlib.import_module("vlm3d_guidance.toy")
             with_toy = hasattr(toy_module, "references")
-        except ImportError:
+        except Exception:  # absent or broken: the repository's example instead
             with_toy = False
     if with_toy:
         toy_module = toy_module or _toy_module()
