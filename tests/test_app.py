@@ -383,6 +383,15 @@ def _browser():
     return webdriver.Chrome(service=Service(executable_path=driver), options=options)
 
 
+def _drawn_fraction(element) -> float:
+    """Fraction of an element's on-screen pixels that differ from its corner (the background) by
+    more than 10 levels in some channel (the viewer draws a pale shaded mesh on white)."""
+    import io
+
+    rgb = np.asarray(Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")).astype(np.int16)
+    return float((np.abs(rgb - rgb[2, 2]).max(axis=2) > 10).mean())
+
+
 def test_browser_upload_generate_view_download(served, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -396,6 +405,11 @@ def test_browser_upload_generate_view_download(served, tmp_path):
         for css in ("#upload input[type=file]", "#prompt textarea", "#steps input[type=number]", "#generate",
                     "#guided-viewer", "#trace"):
             wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, css)))
+        # CSS animations off: headless chromium renders gradio's pulsing "pending" borders in software,
+        # which took most of a busy 2-core machine and made the job itself ~20x slower (measured)
+        driver.execute_script("const s = document.createElement('style'); s.textContent = '*, *::before, "
+                              "*::after {animation: none !important; transition: none !important}'; "
+                              "document.head.appendChild(s)")
         driver.find_element(By.CSS_SELECTOR, "#upload input[type=file]").send_keys(str(REPO / "examples" / "ref.png"))
         wait.until(lambda d: "ref.png" in d.find_element(By.ID, "upload").text.replace("\n", "")
                    and "Uploading" not in d.find_element(By.ID, "upload").text)
@@ -410,11 +424,12 @@ def test_browser_upload_generate_view_download(served, tmp_path):
                                          or "Error" in d.find_element(By.ID, "status").text)
         status = driver.find_element(By.ID, "status").text
         assert "Done" in status and "a brown box" in status and "Traceback" not in status, status
-        # both viewers hold a model (a canvas with a size), the trace plot is a loaded image
+        # both viewers hold a model: a 3D canvas on which the (grey clay) mesh has been drawn
         for viewer in ("baseline-viewer", "guided-viewer"):
             wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, f"#{viewer} canvas"))
             canvas = driver.find_element(By.CSS_SELECTOR, f"#{viewer} canvas")
             assert canvas.size["width"] > 50 and canvas.size["height"] > 50
+            wait.until(lambda d: _drawn_fraction(canvas) > 0.02)
         img = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#trace img"))
         wait.until(lambda d: d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", img) > 0)
         # downloads: links to the job's mesh and config.json, fetched like a user would
@@ -428,7 +443,6 @@ def test_browser_upload_generate_view_download(served, tmp_path):
         mesh_bytes = httpx.get(links["mesh.glb"], timeout=60).content
         assert mesh_bytes[:4] == b"glTF"
         driver.execute_script("window.scrollTo(0, 0)")
-        time.sleep(1.0)  # let the viewers draw one frame
         shot = tmp_path / "app_tiny.png"
         driver.save_screenshot(str(shot))
         assert Image.open(shot).size[0] >= 1000
