@@ -27,6 +27,7 @@ from vlm3d_guidance.app import InputProblem, JobManager, Limits, check_upload, j
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4  # short runs: the page's knobs, not the defaults
 LIMITS = Limits(max_bytes=200_000, max_pixels=512 * 512)
+GRACE = 8.0  # seconds between a page's disconnect and the removal of its files
 SCREENSHOT_ENV = "VLM3D_APP_SCREENSHOT"  # a path: the browser test saves its screenshot there too
 
 
@@ -53,7 +54,7 @@ def served(tiny_root, tmp_path_factory):
     os.environ.setdefault("VLM3D_TINY_CACHE", str(tiny_root))
     models = runner.load_models(build_serve_parser().parse_args(["--tiny"]))
     examples = runner.write_examples(tmp_path_factory.mktemp("app_examples"), toy=False)  # fast, fixed: examples/ref.png
-    app = server.create(models, concurrency=1, limits=LIMITS, examples=examples)
+    app = server.create(models, concurrency=1, limits=LIMITS, examples=examples, grace_seconds=GRACE)
     server.launch(app, host="127.0.0.1", port=_free_port(), block=False, quiet=True)
     assert app.url.startswith("http://127.0.0.1:")
     yield app
@@ -132,9 +133,17 @@ def test_job_manager_folders_slots_and_cleanup(tmp_path):
     upload.parent.mkdir()
     upload.write_bytes(b"x")
     m.track_upload("s1", upload)
-    m.cleanup_session("s1")  # page s1 disconnected
+    m.grace_seconds = 0.3
+    m.session_closed("s1")  # page s1 disconnected: its files go after the grace period
+    assert a.folder.exists() and upload.exists()
+    time.sleep(0.8)
     assert not a.folder.exists() and not upload.exists() and not upload.parent.exists() and b.folder.exists()
-    m.sweep(now=b.created + 11)  # older than keep_seconds
+    m.session_closed("s2")
+    e = m.new_job("s2")  # ...but s2 came back within the grace period: nothing is removed
+    time.sleep(0.8)
+    assert b.folder.exists() and e.folder.exists()
+    m.finish(e)
+    m.sweep(now=e.created + 11)  # older than keep_seconds
     assert not b.folder.exists() and m.jobs() == []
     # one slot: a second job waits, and its cancel ends the wait
     c, d = m.new_job("s3"), m.new_job("s4")
@@ -352,7 +361,9 @@ def test_page_disconnect_removes_the_sessions_files(served, tmp_path):
     assert len(mine) == 1 and mine[0].folder.is_dir()
     with httpx.stream("GET", f"{served.url}gradio_api/heartbeat/{client.session_hash}", timeout=10) as r:
         next(r.iter_lines())  # the page's keep-alive stream is open; leaving the block closes it
-    deadline = time.time() + 20
+    time.sleep(GRACE / 4)
+    assert mine[0].folder.exists()  # the grace period: a page whose stream only dropped keeps its files
+    deadline = time.time() + GRACE + 30
     while mine[0].folder.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert not mine[0].folder.exists() and served.manager.jobs(client.session_hash) == []
@@ -458,8 +469,8 @@ def test_browser_upload_generate_view_download(served, tmp_path):
         raise
     finally:
         driver.quit()
-    # closing the page removes that job's files
-    deadline = time.time() + 30
+    # closing the page removes that job's files (after the grace period)
+    deadline = time.time() + GRACE + 60
     while session_jobs[0].folder.exists() and time.time() < deadline:
         time.sleep(0.2)
     assert not session_jobs[0].folder.exists()

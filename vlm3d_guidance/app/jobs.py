@@ -7,8 +7,8 @@ Nothing here imports gradio or torch, so every rule is testable alone.
 - :func:`job_settings` applies the page's knobs to the server's settings and runs the CLI's own
   option checks (:func:`vlm3d_guidance.cli.check_settings`).
 - :class:`JobManager` gives each job a folder named by 32 random bytes (not guessable), limits how
-  many jobs use the models at once, cancels jobs, and removes a session's folders when its page
-  disconnects (and any finished folder older than ``keep_seconds``).
+  many jobs use the models at once, cancels jobs, and removes a session's folders and uploads when
+  its page disconnects (after a grace period; and any finished folder older than ``keep_seconds``).
 
 A problem with the input raises :class:`InputProblem`: its text is shown on the page and no job is
 started.
@@ -159,13 +159,15 @@ class JobManager:
     Thread-safe: gradio calls it from its worker threads.
     """
 
-    def __init__(self, root, concurrency: int = 1, keep_seconds: float = 3600.0):
+    def __init__(self, root, concurrency: int = 1, keep_seconds: float = 3600.0, grace_seconds: float = 60.0):
         if not isinstance(concurrency, int) or isinstance(concurrency, bool) or concurrency < 1:
             raise ValueError(f"concurrency must be an integer >= 1 (got {concurrency!r})")
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.concurrency = concurrency
         self.keep_seconds = float(keep_seconds)
+        self.grace_seconds = float(grace_seconds)
+        self._timers: set = set()
         self._slots = threading.BoundedSemaphore(concurrency)
         self._lock = threading.Lock()
         self._jobs: dict[str, Job] = {}
@@ -225,6 +227,38 @@ class JobManager:
             self._uploads.setdefault(str(session), set()).add(str(path))
 
     # -- cleanup ------------------------------------------------------------------------------
+    def session_closed(self, session: str) -> None:
+        """gradio saw the page's keep-alive stream end: clean up after ``grace_seconds``.
+
+        The grace period exists because a live page whose stream merely dropped (a busy machine, a
+        network hiccup; gradio_client gives up after 20 s without a byte) looks the same as a closed
+        one. A session that starts a job within the grace period is alive and is left alone; one
+        whose job is still running is checked again when the grace period has passed once more.
+        """
+        closed_at = time.time()
+        if self.grace_seconds <= 0:
+            self._expire(str(session), closed_at)
+            return
+        self._arm(str(session), closed_at)
+
+    def _arm(self, session: str, closed_at: float) -> None:
+        timer = threading.Timer(self.grace_seconds, self._expire, args=(session, closed_at))
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
+    def _expire(self, session: str, closed_at: float) -> None:
+        with self._lock:
+            self._timers = {t for t in self._timers if t.is_alive() and t is not threading.current_thread()}
+        jobs = self.jobs(session)
+        if any(j.created > closed_at for j in jobs):
+            return  # the page came back (its stream had only dropped)
+        if any(not j.finished for j in jobs) and self.grace_seconds > 0:
+            self._arm(session, closed_at)  # let a running job end; look again later
+            return
+        self.cleanup_session(session)
+
     def cleanup_session(self, session: str) -> None:
         """The page disconnected: cancel its jobs, remove their folders and its uploads."""
         session = str(session)
@@ -257,6 +291,10 @@ class JobManager:
 
     def close(self) -> None:
         """Server shutdown: cancel everything and remove the whole root."""
+        with self._lock:
+            timers, self._timers = self._timers, set()
+        for timer in timers:
+            timer.cancel()
         for job in self.jobs():
             job.cancel.set()
         shutil.rmtree(self.root, ignore_errors=True)

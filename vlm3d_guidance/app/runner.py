@@ -61,7 +61,8 @@ def load_models(args, *, toy: bool = False) -> Models:
 
     if toy and getattr(args, "tiny", None):
         raise cli.UsageError("--toy and --tiny are two different built-in models; give one of them")
-    s = cli.resolve_settings(args)
+    file_cfg = cli.read_config_file(args.config_file) if getattr(args, "config_file", None) else None
+    s = cli.resolve_settings(args, file_cfg["settings"] if file_cfg else None)  # --config: a run's settings
     if toy:
         given = [cli._FLAGS[k] for k in ("model_path", "subfolder", "critic") if getattr(args, k, None)]
         if given:

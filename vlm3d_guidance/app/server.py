@@ -182,7 +182,7 @@ def build(models: runner.Models, examples: list, manager: JobManager, limits: Li
         return "Cancelled." if n else "Nothing to cancel."
 
     def unload(request: gr.Request):
-        manager.cleanup_session(getattr(request, "session_hash", None) or "anonymous")
+        manager.session_closed(getattr(request, "session_hash", None) or "anonymous")
 
     with gr.Blocks(title="vlm3d-guide", analytics_enabled=False, delete_cache=(600, int(manager.keep_seconds))) as demo:
         gr.Markdown(f"## vlm3d-guide: a VLM critic steers Hunyuan3D\nModels: {models.label}. Upload a picture "
@@ -226,14 +226,15 @@ def build(models: runner.Models, examples: list, manager: JobManager, limits: Li
 
 
 def create(models: runner.Models, *, concurrency: int = 1, limits: Limits | None = None, examples=None,
-           root=None, keep_seconds: float = 3600.0) -> ServedApp:
+           root=None, keep_seconds: float = 3600.0, grace_seconds: float = 60.0) -> ServedApp:
     """Build the app over loaded ``models``. Job folders go under ``root`` (default: a fresh
     random folder inside gradio's upload folder, where gradio serves files from)."""
     from gradio.utils import get_upload_folder
 
     limits = limits or Limits()
     root = Path(root) if root is not None else Path(get_upload_folder()) / "vlm3d-serve" / secrets.token_hex(8)
-    manager = JobManager(root / "jobs", concurrency=concurrency, keep_seconds=keep_seconds)
+    manager = JobManager(root / "jobs", concurrency=concurrency, keep_seconds=keep_seconds,
+                         grace_seconds=grace_seconds)
     if examples is None:
         examples = runner.write_examples(root / "examples", toy=True if models.settings["model_path"] == runner.TOY_MODEL_PATH else None)
     blocks = build(models, examples, manager, limits)
