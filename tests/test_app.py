@@ -58,9 +58,9 @@ def served(tiny_root, tmp_path_factory):
     server.launch(app, host="127.0.0.1", port=_free_port(), block=False, quiet=True)
     assert app.url.startswith("http://127.0.0.1:")
     yield app
-    root = app.manager.root
+    roots = (app.manager.root, app.root)
     app.close()
-    assert not root.exists()
+    assert not any(r.exists() for r in roots)
 
 
 def _knobs(seed=0, compare=True, lam=0.02, steps=STEPS, views=2, schedule="constant"):

@@ -41,6 +41,7 @@ class ServedApp:
     examples: list
     limits: Limits
     url: str | None = None
+    root: Path | None = None  # the app's own folder (job folders, examples): removed on close
     _closed: bool = field(default=False, repr=False)
 
     def close(self) -> None:
@@ -51,6 +52,8 @@ class ServedApp:
             self.blocks.close()
         finally:
             self.manager.close()
+            if self.root is not None:
+                shutil.rmtree(self.root, ignore_errors=True)
 
 
 def _fmt(value) -> str:
@@ -238,7 +241,7 @@ def create(models: runner.Models, *, concurrency: int = 1, limits: Limits | None
     if examples is None:
         examples = runner.write_examples(root / "examples", toy=True if models.settings["model_path"] == runner.TOY_MODEL_PATH else None)
     blocks = build(models, examples, manager, limits)
-    return ServedApp(blocks=blocks, manager=manager, models=models, examples=examples, limits=limits)
+    return ServedApp(blocks=blocks, manager=manager, models=models, examples=examples, limits=limits, root=root)
 
 
 def launch(app: ServedApp, *, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False,
