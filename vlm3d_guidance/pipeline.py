@@ -152,7 +152,8 @@ class GuidedHunyuanPipeline:
                 :class:`GuidedOutput` with latents and the per-step trace.
             config: a :class:`GuidanceConfig` for this call (default: the pipeline's).
             **kwargs: ``callback(step, t, outputs)`` and ``callback_steps`` as in hy3dgen
-                (``outputs.prev_sample`` is the next latent, guidance included; without
+                (``outputs.prev_sample`` is the next latent, guidance included;
+                ``outputs.record`` is the step's :class:`StepRecord`, as in the trace; without
                 ``callback_steps`` the callback runs at every step, where hy3dgen would fail), and
                 guidance overrides by name (``lam=0.05``, ``gradient="full"``, ...). Any other
                 name is a ValueError listing the accepted ones.
@@ -273,6 +274,7 @@ class GuidedHunyuanPipeline:
             if enable_pbar and record.reward and record.reward[0] is not None:
                 bar.set_postfix(reward=f"{record.reward[0]:+.3f}")
             if callback is not None and i % callback_steps == 0:
+                outputs.record = record  # this step's StepRecord (reward, lam, ...) for live progress
                 callback(i // getattr(pipe.scheduler, "order", 1), t, outputs)
 
         with torch.inference_mode():

@@ -12,4 +12,5 @@ SUBCOMMANDS = {
     "batch": ("batch", "run_batch", "INPUTS -o OUT [options]"),
     "eval": ("eval", "run_eval", "DIR [options]"),
     "toy-eval": ("toy_eval", "run_toy_eval", "-o OUT [--count N] [options]"),
+    "serve": ("serve", "run_serve", "[--tiny | --toy] [--host H] [--port P] [options]"),
 }

@@ -352,9 +352,9 @@ def train_critic(data, sizes, log, folder: Path):
     held = set(order[: max(1, len(data) // 10)].tolist())
     train_idx = [i for i in order if i not in held]
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sizes["critic_lr"], weight_decay=0.01)
-    total = sizes["critic_epochs"] * len(train_idx)
     batch = 8
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sizes["critic_lr"], total_steps=max(1, total // batch + 1),
+    total_steps = sizes["critic_epochs"] * math.ceil(len(train_idx) / batch)  # optimizer steps, all epochs
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sizes["critic_lr"], total_steps=max(1, total_steps),
                                                 pct_start=0.05)
     start = time.perf_counter()
     seen = 0
