@@ -39,16 +39,8 @@ _DELTA_REL = 4e-3
 # a coordinate is "fractional" if it is further than this from an integer (t >= ~2e-3 guaranteed)
 _FRAC_EPS = 5e-4
 
-# the 12 cube edges as (axis, offset of the start corner)
-_CUBE_EDGES = []
-for _a in range(3):
-    _o = [b for b in range(3) if b != _a]
-    for _d1 in (0, 1):
-        for _d2 in (0, 1):
-            _off = [0, 0, 0]
-            _off[_o[0]] = _d1
-            _off[_o[1]] = _d2
-            _CUBE_EDGES.append((_a, tuple(_off)))
+# the 12 cube edges as (axis, offset of the start corner): one definition, in mc_tables
+from .mc_tables import CUBE_EDGES as _CUBE_EDGES  # noqa: E402
 _CUBE_EDGE_AXIS = np.array([a for a, _ in _CUBE_EDGES], dtype=np.int64)  # [12]
 _CUBE_EDGE_OFF = np.array([o for _, o in _CUBE_EDGES], dtype=np.int64)  # [12, 3]
 

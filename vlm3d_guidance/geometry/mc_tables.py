@@ -39,7 +39,7 @@ from functools import lru_cache
 
 import numpy as np
 
-# the 12 cube edges as (axis, offset of the start corner); same order as marching_cubes._CUBE_EDGES
+# the 12 cube edges as (axis, offset of the start corner); marching_cubes.py imports this list
 CUBE_EDGES: list = []
 for _a in range(3):
     _o = [b for b in range(3) if b != _a]

@@ -165,23 +165,20 @@ def field_samples(obj, count: int, gen: torch.Generator) -> tuple[torch.Tensor, 
 
 
 # ------------------------------------------------------------------------------------ the shapes
+def split_shapes(split: str, count: int, seed: int = SEED):
+    """``[(intact, broken or None)]`` of objects 0..count-1 of ``split`` ("generator" or "critic"); the
+    broken variant of object i is drawn from the stream ``[11 or 12, seed, i]``."""
+    stream = {"generator": 11, "critic": 12}[split]
+    return [(obj, broken_variant(obj, np.random.default_rng([stream, seed, i])))
+            for i, obj in ((i, split_object(split, seed, i)) for i in range(count))]
+
+
 def generator_shapes(count: int, seed: int = SEED):
-    """``[(intact, broken or None)]`` of the generator split, objects 0..count-1."""
-    out = []
-    for i in range(count):
-        obj = split_object("generator", seed, i)
-        rng = np.random.default_rng([11, seed, i])
-        out.append((obj, broken_variant(obj, rng)))
-    return out
+    return split_shapes("generator", count, seed)
 
 
 def critic_shapes(count: int, seed: int = SEED):
-    out = []
-    for i in range(count):
-        obj = split_object("critic", seed, i)
-        rng = np.random.default_rng([12, seed, i])
-        out.append((obj, broken_variant(obj, rng)))
-    return out
+    return split_shapes("critic", count, seed)
 
 
 # ------------------------------------------------------------------------------------ stages
