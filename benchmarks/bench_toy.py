@@ -82,10 +82,10 @@ def part_main(args):
     unguided, _ = _run(pipe, refs, "unguided", dict(lam=0.0))
     guided, steps = _run(pipe, refs, "guided", {}, uphill=True)
     columns = {"unguided": unguided, "guided": guided}
-    write_report(RESULTS / "main_report", refs, columns, dict(split="test", seed=0, count=args.count,
-                                                              guidance=pipe.config.to_dict(), sampling=toy.TOY_SAMPLING))
     _save("main", dict(summaries={k: summarize(v) for k, v in columns.items()}, uphill=uphill_summary(steps),
                        rows={k: [r.to_dict() for r in v] for k, v in columns.items()}))
+    write_report(RESULTS / "main_report", refs, columns, dict(split="test", seed=0, count=args.count,
+                                                              guidance=pipe.config.to_dict(), sampling=toy.TOY_SAMPLING))
 
 
 def part_knobs(args):
@@ -142,6 +142,18 @@ def part_summary(args):
         merged = {}
         for f in knob_files:
             merged.update(json.loads(f.read_text()))
+        count = max(v["summary"]["count"] for v in merged.values())
+        if main.exists():  # lam=0 and the default are main's first `count` references (same refs, seeds)
+            from types import SimpleNamespace
+
+            from vlm3d_guidance.toy.experiment import summarize
+
+            m = json.loads(main.read_text())
+            for name, key in (("lam=0 (unguided)", "unguided"), ("lam=0.05 (default)", "guided")):
+                rows = [SimpleNamespace(**r) for r in m["rows"][key][:count]]
+                merged = {name: dict(summary=summarize(rows)), **merged} if key == "unguided" else \
+                    {**{k: v for k, v in merged.items() if k == "lam=0 (unguided)"}, name: dict(summary=summarize(rows)),
+                     **{k: v for k, v in merged.items() if k != "lam=0 (unguided)"}}
         lines += ["### Knob study", "", markdown_table({k: v["summary"] for k, v in merged.items()}), ""]
         _plot(merged)
     lang = RESULTS / "language.json"

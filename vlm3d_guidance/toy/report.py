@@ -65,6 +65,7 @@ def comparison_sheet(refs, columns: dict):
 def write_report(out_dir, refs, columns: dict, meta: dict) -> dict:
     """report.json (every row + summaries + meta), report.md (table) and report.png (rows)."""
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     summaries = {name: summarize(rows) for name, rows in columns.items()}
     report = dict(meta=meta, summaries=summaries,
                   rows={name: [r.to_dict() for r in rows] for name, rows in columns.items()})
