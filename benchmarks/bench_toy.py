@@ -4,6 +4,7 @@
     python benchmarks/bench_toy.py knobs     # the knob study on the first --knob-count references
     python benchmarks/bench_toy.py language  # hidden-handle mugs: does the output follow the prompt?
     python benchmarks/bench_toy.py summary   # tables (markdown) + knob plot from the saved parts
+    python benchmarks/bench_toy.py --quick   # CI smoke run (2 references, a temporary results folder)
 
 Each part writes ``benchmarks/toy_results/<part>.json`` (rows and summaries), so the parts can run
 in separate processes; ``summary`` prints the markdown that goes into RESULTS.md and writes
@@ -197,12 +198,23 @@ def _plot(merged):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", choices=("main", "knobs", "language", "summary"))
+    parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "summary"),
+                        help="which part (default with --quick: main)")
+    parser.add_argument("--quick", action="store_true", help="CI smoke run: main on 2 references, results in a "
+                        "temporary folder (benchmarks/toy_results is left alone)")
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--knob-count", type=int, default=16)
     parser.add_argument("--language-count", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="knobs: run only the conditions whose names contain these")
     args = parser.parse_args(argv)
+    if args.quick:
+        global RESULTS
+        import tempfile
+
+        RESULTS = Path(tempfile.mkdtemp(prefix="bench_toy_quick_"))
+        args.part, args.count = args.part or "main", 2
+    elif args.part is None:
+        parser.error("give a part: main, knobs, language or summary (or --quick)")
     torch.set_num_threads(1)
     {"main": part_main, "knobs": part_knobs, "language": part_language, "summary": part_summary}[args.part](args)
     return 0
