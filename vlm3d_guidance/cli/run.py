@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import datetime
 import sys
 import time
@@ -34,8 +35,10 @@ def demo_image():
     return Image.fromarray(rgba)
 
 
+@functools.lru_cache(maxsize=1)
 def toy_reference():
-    """The built-in reference ``--toy`` uses without ``--image`` (a test-split toy object)."""
+    """The built-in reference ``--toy`` uses without ``--image`` (a test-split toy object); made once
+    per process (its prompt is read before loading, its image when sampling)."""
     from ..toy import references
 
     return references("test", count=1, start=TOY_DEMO_REFERENCE)[0]

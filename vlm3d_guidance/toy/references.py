@@ -9,7 +9,6 @@ with probability zero). Classes cycle in the order of :data:`~vlm3d_guidance.toy
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,9 +66,7 @@ def object_mesh(obj: ToyObject, resolution: int = GT_RESOLUTION):
     """``trimesh.Trimesh`` of ``obj``'s surface (marching cubes of its SDF, outward faces)."""
     import trimesh
 
-    from ..geometry import marching_cubes
-
-    verts, faces = marching_cubes(sdf_grid(obj, resolution), bounds=(-BOX_V, BOX_V))
+    verts, faces = _mesh_tensors(obj, resolution)
     return trimesh.Trimesh(verts.numpy().astype(np.float64), faces.numpy(), process=True)
 
 
@@ -136,21 +133,3 @@ def hidden_handle_references(count: int = 8, seed: int = 0) -> list:
         out.append(make_reference(hidden, f"hidden-handle-{seed}-{i}"))
         i += len(CLASSES)
     return out
-
-
-def hidden_fraction(ref: Reference) -> float:
-    """Share of the handle's surface hidden from the reference camera (for checks; 1 = fully hidden)."""
-    handle = [p for p in ref.object.parts if p.name == "handle"]
-    if not handle:
-        return math.nan
-    from ..render import render_views
-
-    cams = reference_camera()
-    with torch.no_grad():
-        full = _mesh_tensors(ref.object)
-        body_only = ToyObject(ref.object.cls, ref.object.params, tuple(p for p in ref.object.parts if p.name != "handle"))
-        body = _mesh_tensors(body_only)
-        a = render_views(*full, cams, size=96, shading="silhouette", backend="torch")[0, 0]
-        b = render_views(*body, cams, size=96, shading="silhouette", backend="torch")[0, 0]
-    extra = (a - b).clamp_min(0).sum().item()
-    return 1.0 - extra / max(a.sum().item() * 0.05, 1.0)

@@ -88,7 +88,7 @@ def toy_eval(out_dir, count: int = 64, seed: int = 0, pipe=None, guided_override
              progress=None) -> dict:
     """Run the experiment on ``count`` test references and write the report into ``out_dir``."""
     from . import load_pipeline
-    from .config import TOY_GUIDANCE, TOY_SAMPLING
+    from .config import TOY_SAMPLING
     from .references import references
 
     pipe = pipe or load_pipeline()
@@ -98,7 +98,7 @@ def toy_eval(out_dir, count: int = 64, seed: int = 0, pipe=None, guided_override
         "unguided": run_condition(pipe, refs, "unguided", dict(lam=0.0), progress=progress),
         "guided": run_condition(pipe, refs, "guided", dict(guided_overrides or {}), progress=progress),
     }
-    meta = dict(split="test", seed=seed, count=count, guidance=TOY_GUIDANCE.to_dict() | (guided_overrides or {}),
+    meta = dict(split="test", seed=seed, count=count, guidance=pipe.config.to_dict() | (guided_overrides or {}),
                 sampling=TOY_SAMPLING, torch_threads=torch.get_num_threads(),
                 wall_seconds=round(time.perf_counter() - start, 1))
     return write_report(out_dir, refs, columns, meta)

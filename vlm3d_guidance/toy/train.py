@@ -443,7 +443,9 @@ def main(argv=None) -> int:
     scale = latents["scale_factor"]
     vae.scale_factor = scale
     config = models.generator_config(scale)
-    _, _, _, image_processor = models.instantiate_generator(config)
+    from hy3dgen.shapegen.pipelines import instantiate_from_config
+
+    image_processor = instantiate_from_config(config["image_processor"])  # hy3dgen's own ImageProcessorV2
     dit, conditioner = run("generator", lambda: train_generator(
         latents["generator"], prepare_references(gen_shapes, image_processor), scale, sizes, log))
     data = run("critic_data", lambda: make_critic_data(crit_shapes, latents["critic"], dit, conditioner, vae,
