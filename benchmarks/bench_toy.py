@@ -25,13 +25,11 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "toy_results"
 
-# the knob study: name -> guidance overrides (applied on top of the toy defaults)
+# the knob study: name -> guidance overrides (applied on top of the toy defaults). The lam sweep runs
+# first and the toy default lam is chosen from it; every other knob is varied at the default lam.
+LAMS = (0.0, 0.02, 0.05, 0.1, 0.2)
 KNOBS = {
-    "lam=0 (unguided)": dict(lam=0.0),
-    "lam=0.02": dict(lam=0.02),
-    "lam=0.05 (default)": dict(),
-    "lam=0.1": dict(lam=0.1),
-    "lam=0.2": dict(lam=0.2),
+    **{("lam=0 (unguided)" if lam == 0 else f"lam={lam:g}"): dict(lam=lam) for lam in LAMS},
     "schedule=cosine": dict(schedule="cosine"),
     "window=first half": dict(end=0.5),
     "views=1": dict(num_views=1),
@@ -39,6 +37,13 @@ KNOBS = {
     "query=geometry only": dict(query="geometry"),
     "gradient=full": dict(gradient="full"),
 }
+
+
+def _default_label(name: str) -> str:
+    """The knob's row name, marked when it is the toy default's lam."""
+    from vlm3d_guidance.toy import TOY_GUIDANCE
+
+    return f"{name} (default)" if name == f"lam={TOY_GUIDANCE.lam:g}" else name
 
 
 def _progress(name):
@@ -140,21 +145,10 @@ def part_summary(args):
         lines.append("")
     knob_files = sorted(RESULTS.glob("knobs*.json"))
     if knob_files:
-        merged = {}
+        found = {}
         for f in knob_files:
-            merged.update(json.loads(f.read_text()))
-        count = max(v["summary"]["count"] for v in merged.values())
-        if main.exists():  # lam=0 and the default are main's first `count` references (same refs, seeds)
-            from types import SimpleNamespace
-
-            from vlm3d_guidance.toy.experiment import summarize
-
-            m = json.loads(main.read_text())
-            for name, key in (("lam=0 (unguided)", "unguided"), ("lam=0.05 (default)", "guided")):
-                rows = [SimpleNamespace(**r) for r in m["rows"][key][:count]]
-                merged = {name: dict(summary=summarize(rows)), **merged} if key == "unguided" else \
-                    {**{k: v for k, v in merged.items() if k == "lam=0 (unguided)"}, name: dict(summary=summarize(rows)),
-                     **{k: v for k, v in merged.items() if k != "lam=0 (unguided)"}}
+            found.update(json.loads(f.read_text()))
+        merged = {_default_label(n): found[n] for n in KNOBS if n in found}  # the table in KNOBS' order
         lines += ["### Knob study", "", markdown_table({k: v["summary"] for k, v in merged.items()}), ""]
         _plot(merged)
     lang = RESULTS / "language.json"

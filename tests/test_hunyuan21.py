@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
 
 from vlm3d_guidance import GuidanceConfig, GuidedHunyuanPipeline
 from vlm3d_guidance.critic import VLMCritic
@@ -24,6 +23,7 @@ from vlm3d_guidance.model_routing import config_package, hunyuan_pipeline_class,
 from vlm3d_guidance.pipeline import _dit_train_mode
 from vlm3d_guidance.render import orbit_cameras
 from vlm3d_guidance.tiny import build_tiny_hunyuan, build_tiny_qwen, load_tiny_hunyuan_pipeline
+from images import square_image as _image
 
 SHARED = Path(os.environ.get("VLM3D_SHARED", Path(__file__).resolve().parents[1].parent / "shared"))
 HY3DSHAPE = SHARED / "third_party" / "hy3dshape"
@@ -60,14 +60,6 @@ def _load21(root, dtype=torch.float32):
     from vlm3d_guidance.tiny import load_tiny_hunyuan21_pipeline
 
     return load_tiny_hunyuan21_pipeline(root=root, dtype=dtype)
-
-
-def _image(seed=0, size=64):
-    rng = np.random.default_rng(seed)
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[12:52, 18:46, :3] = rng.integers(0, 255, 3)
-    rgba[12:52, 18:46, 3] = 255
-    return Image.fromarray(rgba)
 
 
 def _cli_checks():

@@ -5,25 +5,17 @@ import math
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from vlm3d_guidance import GuidanceConfig, GuidedHunyuanPipeline, GuidedOutput
 from vlm3d_guidance.critic import VLMCritic
 from vlm3d_guidance.guidance import normalized_update, reward_and_gradient
 from vlm3d_guidance.render import orbit_cameras
 from vlm3d_guidance.tiny import build_tiny_qwen, load_tiny_hunyuan_pipeline
+from images import square_image as _image
 
 # Small but real: every stage runs; views at 56 px (a multiple of 28) keep the critic cheap.
 FAST = dict(num_views=2, render_size=56, grid_resolution=24)
 CALL = dict(num_inference_steps=6, octree_resolution=24, enable_pbar=False)
-
-
-def _image(seed=0, size=64):
-    rng = np.random.default_rng(seed)
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[12:52, 18:46, :3] = rng.integers(0, 255, 3)
-    rgba[12:52, 18:46, 3] = 255
-    return Image.fromarray(rgba)
 
 
 @pytest.fixture(scope="module")

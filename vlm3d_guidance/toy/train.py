@@ -6,7 +6,9 @@ Stages (each cached in ``--work``, so a later stage can be rerun alone with ``--
    farthest-point seeds of surface samples attending to all of them, as Hunyuan's own encoder does;
    2.0.2's ShapeVAE has none), trained on generator-split shapes
    (intact and broken) to reproduce the field ``clamp(-sdf / 0.2, -1, 1)`` at surface-near and
-   uniform points. The encoder is not shipped: it only turns shapes into latents.
+   uniform points (a broken shape is also sampled where its intact parts were). Every 1000 steps
+   :func:`decode_check` judges held-out decodes (logged, and kept in the manifest). The encoder is
+   not shipped: it only turns shapes into latents.
 2. ``latents``: every generator- and critic-split shape encoded; ``vae.scale_factor`` set so the
    DiT's latents have unit variance (``decode(x / scale_factor)`` as hy3dgen does).
 3. ``generator``: ``Hunyuan3DDiT`` + the DINOv2 ``SingleImageEncoder`` trained by flow matching in
@@ -15,10 +17,11 @@ Stages (each cached in ``--work``, so a later stage can be rerun alone with ``--
    probability :data:`BROKEN_SHARE` for classes that have one: the toy counterpart of noisy 3D data.
    10 % of conditions are dropped to zeros (hy3dgen's unconditional embedding) for CFG.
 4. ``critic_data``: critic-split shapes rendered exactly as the guided step renders (decode_surface
-   at the toy guidance grid, the orbit cameras, render_views at the toy size): intact shapes with
-   their description (Yes), broken ones (No), wrong descriptions (No; mug <-> cup are the hard
-   pairs), and renders of the generator's own clean-latent estimates at random sigma labelled by
-   the target they were noised from.
+   at the toy guidance grid, the orbit cameras, render_views at the toy size), labelled by what the
+   rendered surface shows (:func:`shown_geometry`): sound shapes with their description (Yes),
+   broken ones (No), wrong descriptions (No; mug <-> cup are the hard pairs), and renders of the
+   generator's own clean-latent estimates at random sigma labelled by the target they were noised
+   from.
 5. ``critic``: transformers' ``Qwen2_5_VLForConditionalGeneration`` (small) trained with a logistic
    loss on the package's reward ``r = z_yes - z_no`` of the default dual query, through
    :class:`~vlm3d_guidance.critic.VLMCritic` itself (same prompt, same differentiable preprocessing).
@@ -51,9 +54,11 @@ BROKEN_SHARE = 0.4  # of breakable classes' targets (3 of 4 classes): ~30 % of a
 SEED = 0
 
 # sizes of the default run (the shipped weights); --quick divides the work for a smoke test
-SIZES = dict(gen_objects=800, critic_objects=240, ae_steps=2000, ae_batch=16, ae_points=2048,
-             dit_steps=1500, dit_batch=48, critic_epochs=3, critic_lr=3e-4, critic_estimates=2)
-QUICK = dict(gen_objects=16, critic_objects=8, ae_steps=6, ae_batch=4, ae_points=256,
+SIZES = dict(gen_objects=800, critic_objects=320, ae_steps=3000, ae_batch=16, ae_points=2048, ae_check_every=1000,
+             ae_check_objects=16,
+             dit_steps=1500, dit_batch=48, critic_epochs=4, critic_lr=3e-4, critic_estimates=2)
+QUICK = dict(gen_objects=16, critic_objects=8, ae_steps=6, ae_batch=4, ae_points=256, ae_check_every=6,
+             ae_check_objects=2,
              dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_estimates=1)
 
 
@@ -151,9 +156,15 @@ def field_samples(obj, count: int, gen: torch.Generator) -> tuple[torch.Tensor, 
     Half lie near the surface of each part in turn (the same number per part, so thin legs, poles
     and handles weigh as much as a table top), a quarter near the union's surface, a quarter
     uniform in the box; the near points are jittered by N(0, 0.02^2) per axis.
+
+    The parts are those of the shape AND of the intact object it was derived from: a broken shape
+    is sampled where its missing or moved part should be, so drawing the class's intact prototype
+    costs as much as any other error there. (Sampled only near its own parts, a missing leg's
+    place gets ~0.1 % of the uniform points, and the autoencoder learned to draw the leg anyway.)
     """
-    per_part = (count // 2) // len(obj.parts)
-    near = [_project(part.sdf, (torch.rand(per_part, 3, generator=gen) * 2 - 1) * BOX_V) for part in obj.parts]
+    parts = list(obj.parts) + [p for p in obj.intact_parts if p not in obj.parts]
+    per_part = (count // 2) // len(parts)
+    near = [_project(part.sdf, (torch.rand(per_part, 3, generator=gen) * 2 - 1) * BOX_V) for part in parts]
     union = count // 4
     near.append(_project(obj.sdf, (torch.rand(union, 3, generator=gen) * 2 - 1) * BOX_V))
     near = torch.cat(near)
@@ -182,8 +193,15 @@ def critic_shapes(count: int, seed: int = SEED):
 
 
 # ------------------------------------------------------------------------------------ stages
-def train_autoencoder(shapes, sizes, log):
-    """Stage 1: (encoder, vae) fitted to the shapes' fields."""
+def train_autoencoder(shapes, sizes, log, check_pairs=()):
+    """Stage 1: ``(encoder, vae, checks)`` fitted to the shapes' fields.
+
+    Every ``sizes["ae_check_every"]`` steps and at the end, :func:`decode_check` on
+    ``check_pairs`` (held-out critic-split shapes), logged and returned as ``checks`` (a list of
+    ``{"step": ..., **check}``); the weights returned are the last step's. (Keeping the check with
+    the best fidelity instead picked an early decoder that drops thin parts everywhere, broken or
+    not: on 16 + 12 shapes the fidelity cannot tell that from a good one; the IoU can.)
+    """
     config = models.generator_config()
     torch.manual_seed(SEED)
     _, vae, _, _ = models.instantiate_generator(config)
@@ -196,6 +214,7 @@ def train_autoencoder(shapes, sizes, log):
     gen = torch.Generator().manual_seed(SEED)
     vae.train()
     start = time.perf_counter()
+    checks = []
     for step in range(sizes["ae_steps"]):
         idx = torch.randint(len(pool), (sizes["ae_batch"],), generator=gen)
         samples = [field_samples(pool[i], sizes["ae_points"], gen) for i in idx.tolist()]
@@ -212,8 +231,57 @@ def train_autoencoder(shapes, sizes, log):
         sched.step()
         if step % 100 == 0 or step == sizes["ae_steps"] - 1:
             log(f"autoencoder step {step}: L1 {float(loss.detach()):.4f} ({time.perf_counter() - start:.0f} s)")
+        last = step == sizes["ae_steps"] - 1
+        if check_pairs and ((step + 1) % sizes["ae_check_every"] == 0 or last):
+            encoder.eval()
+            vae.eval()
+            check = dict(step=step + 1, **decode_check(encoder, vae, check_pairs))
+            checks.append(check)
+            log(f"autoencoder check at step {step + 1}: intact ok {check['intact_ok']:.2f}, broken failed "
+                f"{check['broken_failed']:.2f}, fidelity {check['fidelity']:.3f}, IoU {check['iou']:.3f}")
+            encoder.train()
+            vae.train()
     vae.eval()
-    return encoder.eval(), vae
+    return encoder.eval(), vae, checks
+
+
+@torch.no_grad()
+def decode_check(encoder, vae, pairs, resolution: int = 64) -> dict:
+    """How faithfully the autoencoder shows what breaks a shape (the AE's stopping rule).
+
+    Each intact shape and its broken variant of ``pairs [(intact, broken or None)]`` is encoded,
+    decoded by ``vae`` at a ``resolution``^3 grid (marching cubes, as an export) and judged by
+    :func:`~vlm3d_guidance.toy.judge` against the intact object. A faithful autoencoder passes
+    the intact decodes and fails the broken ones.
+
+    Returns:
+        dict with ``intact_ok`` (share of intact decodes judged ok), ``broken_failed`` (share of
+        broken decodes judged failed), ``fidelity`` (their mean), ``iou`` (mean IoU of intact
+        decodes), ``n_intact``, ``n_broken``, ``intact_failures`` (``"<class>: <reason>"`` of each
+        intact decode judged failed) and ``broken_passed`` (``"<class> <break mode>"`` of each broken
+        decode judged ok).
+    """
+    from types import SimpleNamespace
+
+    import trimesh
+
+    from ..geometry import decode_surface
+    from .judge import judge
+
+    def verdict(shape, truth):
+        (verts, faces), = decode_surface(vae, encoder(*encoder_input(shape)), resolution=resolution, box_v=BOX_V)
+        mesh = trimesh.Trimesh(verts.double().numpy(), faces.numpy(), process=True) if faces.shape[0] else None
+        return judge(mesh, SimpleNamespace(object=truth))
+
+    intact = [verdict(a, a) for a, _ in pairs]
+    broken = [verdict(b, a) for a, b in pairs if b is not None]
+    ok = float(np.mean([not v["failed"] for v in intact]))
+    bad = float(np.mean([v["failed"] for v in broken])) if broken else math.nan
+    missed = [f"{a.cls}: {v['reason']}" for (a, _), v in zip(pairs, intact) if v["failed"]]
+    passed = [f"{b.cls} {b.broken}" for b, v in zip([b for _, b in pairs if b is not None], broken) if not v["failed"]]
+    return dict(intact_ok=ok, broken_failed=bad, fidelity=float(np.nanmean([ok, bad])),
+                iou=float(np.mean([v["iou"] for v in intact])), n_intact=len(intact), n_broken=len(broken),
+                intact_failures=missed, broken_passed=passed)
 
 
 @torch.no_grad()
@@ -294,24 +362,68 @@ def _label_description(obj_cls: str, geometry_class: str | None, rng: np.random.
     return out
 
 
-def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, guidance, sizes, log):
-    """Stage 4: ``[(images uint8 [N, 3, H, W], description, label, kind)]`` rendered as the guided step does."""
+def shown_geometry(verts: torch.Tensor, faces: torch.Tensor, intact) -> str | None:
+    """What a decoded surface shows, by :func:`~vlm3d_guidance.toy.judge` against the ``intact``
+    object it was encoded from: ``intact.cls`` when judged ok, ``"cup"`` for a mug judged only
+    "missing handle", else None (broken)."""
+    from types import SimpleNamespace
+
+    import trimesh
+
+    from .judge import judge
+
+    verdict = judge(trimesh.Trimesh(verts.double().numpy(), faces.numpy(), process=True),
+                    SimpleNamespace(object=intact))
+    if not verdict["failed"]:
+        return intact.cls
+    return "cup" if intact.cls == "mug" and verdict["reason"] == "missing handle" else None
+
+
+def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, guidance, sizes, log) -> dict:
+    """Stage 4: the critic's samples, rendered as the guided step renders.
+
+    Labels follow what the rendered surface SHOWS, not what it was encoded from: each final
+    latent's surface (the mesh the views are made of) is judged against its intact object
+    (:func:`shown_geometry`), because the autoencoder does not draw every break it is given (a
+    missing leg can come back, a gap can close) and a "No" on a picture of an intact table teaches
+    the critic nothing about tables. A clean-latent estimate at random sigma is labelled by the
+    shown geometry of the final latent it was noised from.
+
+    Returns:
+        dict with ``samples`` ``[(images uint8 [N, 3, H, W], description, label, kind)]`` and
+        ``stats`` (counts of final latents whose shown geometry differs from the nominal one).
+    """
     from .config import TOY_SAMPLING
-    from .render_latent import latent_views
+    from .render_latent import latent_surface, surface_views
 
     refs = prepare_references(shapes, image_processor)
     rng = np.random.default_rng(SEED + 3)
     gen = torch.Generator().manual_seed(SEED + 3)
     scale = vae.scale_factor
+    export = TOY_SAMPLING["octree_resolution"]
     data = []
+    stats = dict(final_latents=0, empty=0, intact_shown_broken=0, broken_shown_intact=0)
     start = time.perf_counter()
     for i, (obj, broken) in enumerate(shapes):
-        items = [(latents["intact"][i:i + 1] * scale, obj.cls, obj.geometry_class, "final")]
+        finals = {"intact": (obj.geometry_class, None)}
         if broken is not None:
-            items.append((latents["broken"][i:i + 1] * scale, obj.cls, broken.geometry_class, "final"))
+            finals["broken"] = (broken.geometry_class, None)
+        items = []
+        for key, (nominal, _) in finals.items():
+            surface = latent_surface(vae, latents[key][i:i + 1] * scale, guidance, export)
+            stats["final_latents"] += 1
+            if surface is None:
+                stats["empty"] += 1
+                finals[key] = (None, None)
+                continue
+            shown = shown_geometry(*surface, obj)
+            stats["intact_shown_broken"] += key == "intact" and shown != nominal
+            stats["broken_shown_intact"] += key == "broken" and shown == obj.cls
+            finals[key] = (shown, surface)
+            items.append((surface, shown, "final"))
         for _ in range(sizes["critic_estimates"]):
-            target_broken = broken is not None and rng.random() < 0.5
-            x1 = (latents["broken"] if target_broken else latents["intact"])[i:i + 1] * scale
+            target = "broken" if broken is not None and rng.random() < 0.5 else "intact"
+            x1 = latents[target][i:i + 1] * scale
             s = float(rng.uniform(0.15, 0.95))
             eps = torch.randn(x1.shape, generator=gen)
             z = s * x1 + (1 - s) * eps
@@ -320,19 +432,18 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, gu
                 both = dit(torch.cat([z, z]), torch.tensor([s, s]), {"main": torch.cat([cond, torch.zeros_like(cond)])})
                 vc, vu = both.chunk(2)
                 v = vu + 5.0 * (vc - vu)
-            x0 = z + (1 - s) * v
-            geometry = broken.geometry_class if target_broken else obj.geometry_class
-            items.append((x0, obj.cls, geometry, f"estimate@{s:.2f}"))
-        for x, cls, geometry, kind in items:
-            images = latent_views(vae, x, guidance, export_resolution=TOY_SAMPLING["octree_resolution"])
-            if images is None:
-                continue
-            u8 = images.mul(255).round().to(torch.uint8)
-            for desc, label in _label_description(cls, geometry, rng):
+            surface = latent_surface(vae, z + (1 - s) * v, guidance, export)
+            if surface is not None:
+                items.append((surface, finals[target][0], f"estimate@{s:.2f}"))
+        for surface, geometry, kind in items:
+            u8 = surface_views(*surface, guidance).mul(255).round().to(torch.uint8)
+            for desc, label in _label_description(obj.cls, geometry, rng):
                 data.append((u8, desc, label, kind))
         if i % 20 == 0:
-            log(f"critic data: object {i}/{len(shapes)}, {len(data)} samples ({time.perf_counter() - start:.0f} s)")
-    return data
+            log(f"critic data: object {i}/{len(shapes)}, {len(data)} samples, {stats} "
+                f"({time.perf_counter() - start:.0f} s)")
+    log(f"critic data: {len(data)} samples; shown vs nominal geometry of the final latents: {stats}")
+    return dict(samples=data, stats=stats)
 
 
 def train_critic(data, sizes, log, folder: Path):
@@ -373,7 +484,8 @@ def train_critic(data, sizes, log, folder: Path):
             seen += len(chunk)
         acc = critic_accuracy(critic, data, sorted(held))
         log(f"critic epoch {epoch}: loss {np.mean(running):.4f}, held-out accuracy {acc['all']:.3f} "
-            f"(final {acc['final']:.3f}, estimates {acc['estimate']:.3f}) ({time.perf_counter() - start:.0f} s)")
+            f"(final {acc['final']:.3f}, estimates {acc['estimate']:.3f}; majority answer {acc['majority_baseline']:.3f}) "
+            f"({time.perf_counter() - start:.0f} s)")
     model.requires_grad_(False)
     model.eval()
     return model, critic_accuracy(critic, data, sorted(held))
@@ -388,7 +500,10 @@ def critic_accuracy(critic, data, indices) -> dict:
         ok = (r > 0) == (label > 0.5)
         hits["all"].append(ok)
         hits["final" if kind == "final" else "estimate"].append(ok)
-    return {k: float(np.mean(v)) if v else math.nan for k, v in hits.items()}
+    out = {k: float(np.mean(v)) if v else math.nan for k, v in hits.items()}
+    yes = float(np.mean([data[i][2] > 0.5 for i in indices])) if indices else math.nan
+    out["majority_baseline"] = max(yes, 1.0 - yes)  # accuracy of always giving the commoner answer
+    return out
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -398,8 +513,9 @@ def main(argv=None) -> int:
     parser.add_argument("--work", default=None, help="stage cache folder (default: <out>/../toy_work)")
     parser.add_argument("--from-stage", choices=STAGES, default=STAGES[0], help="rerun from this stage on")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole script")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; the manifest records it)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else SIZES
     out = Path(args.out)
     work = Path(args.work) if args.work else out.parent / "toy_work"
@@ -431,7 +547,8 @@ def main(argv=None) -> int:
     log(f"toy training: sizes {sizes}")
     gen_shapes = generator_shapes(sizes["gen_objects"])
     crit_shapes = critic_shapes(sizes["critic_objects"])
-    encoder, vae = run("autoencoder", lambda: train_autoencoder(gen_shapes, sizes, log))
+    encoder, vae, ae_checks = run("autoencoder", lambda: train_autoencoder(
+        gen_shapes, sizes, log, check_pairs=crit_shapes[: sizes["ae_check_objects"]]))
 
     def _latents():
         lat = dict(generator=encode_all(encoder, gen_shapes), critic=encode_all(encoder, crit_shapes))
@@ -448,8 +565,9 @@ def main(argv=None) -> int:
     image_processor = instantiate_from_config(config["image_processor"])  # hy3dgen's own ImageProcessorV2
     dit, conditioner = run("generator", lambda: train_generator(
         latents["generator"], prepare_references(gen_shapes, image_processor), scale, sizes, log))
-    data = run("critic_data", lambda: make_critic_data(crit_shapes, latents["critic"], dit, conditioner, vae,
-                                                       image_processor, TOY_GUIDANCE, sizes, log))
+    critic_data = run("critic_data", lambda: make_critic_data(crit_shapes, latents["critic"], dit, conditioner, vae,
+                                                              image_processor, TOY_GUIDANCE, sizes, log))
+    data = critic_data["samples"]
     critic_tmp = work / "critic"
     critic_model, accuracy = run("critic", lambda: train_critic(data, sizes, log, critic_tmp))
 
@@ -462,13 +580,15 @@ def main(argv=None) -> int:
         n_yes = sum(1 for d in data if d[2] > 0.5)
         manifest = dict(
             files={str(p.relative_to(staging)): models.sha256(p) for p in files},
-            command="python -m vlm3d_guidance.toy.train" + (" --quick" if args.quick else ""),
+            command="python -m vlm3d_guidance.toy.train" + (" --quick" if args.quick else "")
+            + (f" --threads {args.threads}" if args.threads != 1 else ""),
             seeds=dict(base=SEED, splits="generator=1, critic=2, test=3 (numpy streams [split, seed, index])"),
             data=dict(generator_objects=sizes["gen_objects"], critic_objects=sizes["critic_objects"],
                       broken_share_of_breakable_targets=BROKEN_SHARE,
                       breakable_classes=[c for c in CLASSES if BREAK_MODES[c]],
-                      critic_samples=len(data), critic_yes=n_yes, critic_no=len(data) - n_yes),
-            sizes=sizes, scale_factor=scale, critic_held_out_accuracy=accuracy,
+                      critic_samples=len(data), critic_yes=n_yes, critic_no=len(data) - n_yes,
+                      critic_label_stats=critic_data["stats"]),
+            sizes=sizes, scale_factor=scale, autoencoder_checks=ae_checks, critic_held_out_accuracy=accuracy,
             wall_seconds={k: round(v, 1) for k, v in times.items()},
             total_wall_seconds=round(sum(times.values()), 1),
             machine=dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),
