@@ -56,10 +56,12 @@ SEED = 0
 # sizes of the default run (the shipped weights); --quick divides the work for a smoke test
 SIZES = dict(gen_objects=800, critic_objects=320, ae_steps=3000, ae_batch=16, ae_points=2048, ae_check_every=1000,
              ae_check_objects=16,
-             dit_steps=1500, dit_batch=48, critic_epochs=4, critic_lr=3e-4, critic_estimates=2)
+             dit_steps=1500, dit_batch=48, critic_epochs=5, critic_lr=3e-4, critic_vision_lr_mult=1.0,
+             critic_estimates=2, critic_max_weight=3.0)
 QUICK = dict(gen_objects=16, critic_objects=8, ae_steps=6, ae_batch=4, ae_points=256, ae_check_every=6,
              ae_check_objects=2,
-             dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_estimates=1)
+             dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_vision_lr_mult=1.0,
+             critic_estimates=1, critic_max_weight=3.0)
 
 
 # ------------------------------------------------------------------------------------ the encoder
@@ -459,11 +461,15 @@ def train_critic(data, sizes, log, folder: Path):
     order = rng.permutation(len(data))
     held = set(order[: max(1, len(data) // 10)].tolist())
     train_idx = [i for i in order if i not in held]
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sizes["critic_lr"], weight_decay=0.01)
+    weights = label_balance_weights(data, sizes["critic_max_weight"])
+    # the vision tower starts from random weights and has the most to learn: a higher learning rate
+    vision = [p for n, p in model.named_parameters() if "visual" in n]
+    rest = [p for n, p in model.named_parameters() if "visual" not in n]
+    lrs = [sizes["critic_lr"] * sizes["critic_vision_lr_mult"], sizes["critic_lr"]]
+    opt = torch.optim.AdamW([{"params": vision, "lr": lrs[0]}, {"params": rest, "lr": lrs[1]}], weight_decay=0.01)
     batch = 8
     total_steps = sizes["critic_epochs"] * math.ceil(len(train_idx) / batch)  # optimizer steps, all epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sizes["critic_lr"], total_steps=max(1, total_steps),
-                                                pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lrs, total_steps=max(1, total_steps), pct_start=0.05)
     start = time.perf_counter()
     seen = 0
     for epoch in range(sizes["critic_epochs"]):
@@ -475,7 +481,7 @@ def train_critic(data, sizes, log, folder: Path):
             for i in chunk:
                 images, desc, label, _ = data[i]
                 r = critic.reward(images.float() / 255, desc)
-                loss = torch.nn.functional.binary_cross_entropy_with_logits(r, torch.tensor(label)) / len(chunk)
+                loss = weights[i] * torch.nn.functional.binary_cross_entropy_with_logits(r, torch.tensor(label)) / len(chunk)
                 loss.backward()
                 running.append(float(loss) * len(chunk))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -483,12 +489,33 @@ def train_critic(data, sizes, log, folder: Path):
             sched.step()
             seen += len(chunk)
         acc = critic_accuracy(critic, data, sorted(held))
-        log(f"critic epoch {epoch}: loss {np.mean(running):.4f}, held-out accuracy {acc['all']:.3f} "
+        log(f"critic epoch {epoch}: loss {np.mean(running):.4f}, held-out balanced accuracy {acc['balanced']:.3f} "
+            f"{acc['per_description']}, accuracy {acc['all']:.3f} "
             f"(final {acc['final']:.3f}, estimates {acc['estimate']:.3f}; majority answer {acc['majority_baseline']:.3f}) "
             f"({time.perf_counter() - start:.0f} s)")
     model.requires_grad_(False)
     model.eval()
     return model, critic_accuracy(critic, data, sorted(held))
+
+
+def label_balance_weights(data, max_weight: float = 3.0) -> list:
+    """Per-sample loss weights under which every description's Yes and No samples weigh the same
+    (each capped at ``max_weight`` times the mean: uncapped, the rare groups' weights of ~7 with a
+    3x learning rate for the vision tower made training diverge to a constant answer).
+
+    Without them the critic can score well on the description alone (in v2's data 47 of 622
+    "a mug with a handle" samples were Yes: the guidance grid rarely shows a handle whole), and it
+    did: its reward was the same for every mug, whatever the views showed. Mean weight 1.
+    """
+    from collections import Counter
+
+    groups = Counter((d[1], d[2] > 0.5) for d in data)
+    per_desc = Counter(d[1] for d in data)
+    raw = [per_desc[d[1]] / (2 * groups[(d[1], d[2] > 0.5)]) for d in data]
+    mean = float(np.mean(raw))
+    capped = [min(w / mean, max_weight) for w in raw]
+    mean = float(np.mean(capped))
+    return [w / mean for w in capped]
 
 
 @torch.no_grad()
@@ -501,6 +528,13 @@ def critic_accuracy(critic, data, indices) -> dict:
         hits["all"].append(ok)
         hits["final" if kind == "final" else "estimate"].append(ok)
     out = {k: float(np.mean(v)) if v else math.nan for k, v in hits.items()}
+    by_group: dict = {}
+    for i, ok in zip(indices, hits["all"]):
+        by_group.setdefault(data[i][1], {}).setdefault(data[i][2] > 0.5, []).append(ok)
+    # balanced accuracy per description (mean of the Yes and No hit rates present): 0.5 = blind
+    out["per_description"] = {d.split(" ")[1]: round(float(np.mean([np.mean(v) for v in g.values()])), 3)
+                              for d, g in sorted(by_group.items())}
+    out["balanced"] = float(np.mean(list(out["per_description"].values()))) if by_group else math.nan
     yes = float(np.mean([data[i][2] > 0.5 for i in indices])) if indices else math.nan
     out["majority_baseline"] = max(yes, 1.0 - yes)  # accuracy of always giving the commoner answer
     return out
