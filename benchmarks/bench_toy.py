@@ -3,6 +3,7 @@
     python benchmarks/bench_toy.py main      # >= 64 test references, unguided vs guided (toy defaults)
     python benchmarks/bench_toy.py knobs     # the knob study on the first --knob-count references
     python benchmarks/bench_toy.py language  # hidden-handle mugs: does the output follow the prompt?
+    python benchmarks/bench_toy.py sampler   # unguided under other CFG scales / step counts
     python benchmarks/bench_toy.py summary   # tables (markdown) + knob plot from the saved parts
     python benchmarks/bench_toy.py --quick   # CI smoke run (2 references, a temporary results folder)
 
@@ -125,6 +126,24 @@ def part_language(args):
     _save("language", out)
 
 
+def part_sampler(args):
+    """Unguided samples under other sampler settings (CFG scale, step count) on the knob references:
+    is the generator's failure rate a sampler setting or the model?"""
+    from vlm3d_guidance import toy
+    from vlm3d_guidance.toy.experiment import run_condition, summarize
+
+    pipe = toy.load_pipeline()
+    refs = toy.references("test", count=args.knob_count, seed=0)
+    out = {}
+    for name, change in (("guidance_scale=1", dict(guidance_scale=1.0)), ("guidance_scale=2", dict(guidance_scale=2.0)),
+                         ("guidance_scale=5 (toy default)", {}), ("guidance_scale=8", dict(guidance_scale=8.0)),
+                         ("50 steps", dict(num_inference_steps=50))):
+        rows = run_condition(pipe, refs, name, dict(lam=0.0), sampling=dict(toy.TOY_SAMPLING, **change),
+                             progress=_progress(name))
+        out[name] = dict(summary=summarize(rows), rows=[r.to_dict() for r in rows])
+    _save("sampler", out)
+
+
 def part_summary(args):
     from vlm3d_guidance.toy.experiment import markdown_table, wilson
 
@@ -151,6 +170,10 @@ def part_summary(args):
         merged = {_default_label(n): found[n] for n in KNOBS if n in found}  # the table in KNOBS' order
         lines += ["### Knob study", "", markdown_table({k: v["summary"] for k, v in merged.items()}), ""]
         _plot(merged)
+    sampler = RESULTS / "sampler.json"
+    if sampler.exists():
+        rows = json.loads(sampler.read_text())
+        lines += ["### Unguided sampler settings", "", markdown_table({k: v["summary"] for k, v in rows.items()}), ""]
     lang = RESULTS / "language.json"
     if lang.exists():
         lang_rows = json.loads(lang.read_text())
@@ -192,7 +215,7 @@ def _plot(merged):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "summary"),
+    parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "sampler", "summary"),
                         help="which part (default with --quick: main)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: main on 2 references, results in a "
                         "temporary folder (benchmarks/toy_results is left alone)")
@@ -210,7 +233,8 @@ def main(argv=None):
     elif args.part is None:
         parser.error("give a part: main, knobs, language or summary (or --quick)")
     torch.set_num_threads(1)
-    {"main": part_main, "knobs": part_knobs, "language": part_language, "summary": part_summary}[args.part](args)
+    {"main": part_main, "knobs": part_knobs, "language": part_language, "sampler": part_sampler,
+     "summary": part_summary}[args.part](args)
     return 0
 
 
