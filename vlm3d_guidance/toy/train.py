@@ -305,11 +305,14 @@ def prepare_references(shapes, image_processor) -> dict:
     return dict(image=torch.cat(images), mask=torch.cat(masks))
 
 
-def train_generator(latents, refs, scale_factor, sizes, log):
-    """Stage 3: (dit, conditioner) trained by flow matching on the broken-noisy pairs."""
+def train_generator(latents, refs, scale_factor, sizes, log, init=None):
+    """Stage 3: (dit, conditioner) trained by flow matching on the broken-noisy pairs.
+
+    ``init``: optional ``(dit, conditioner)`` to continue training from (a probe of whether more
+    steps help; the training script starts from scratch)."""
     config = models.generator_config(scale_factor)
     torch.manual_seed(SEED + 1)
-    dit, _, conditioner, _ = models.instantiate_generator(config)
+    dit, _, conditioner, _ = models.instantiate_generator(config) if init is None else (init[0], None, init[1], None)
     conditioner.requires_grad_(True)
     conditioner.train()
     dit.train()
