@@ -26,17 +26,10 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from tiny_setup import block_image, tiny_guided_pipeline  # noqa: E402
 
 torch.set_num_threads(1)
-
-
-def _image(size=64):
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[12:52, 18:46] = (200, 60, 40, 255)
-    return Image.fromarray(rgba)
 
 
 def _median_time(fn, repeats):
@@ -53,10 +46,9 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small settings for CI (seconds)")
     args = parser.parse_args(argv)
 
-    from vlm3d_guidance import GuidanceConfig, GuidedHunyuanPipeline
-    from vlm3d_guidance.critic import VLMCritic
+    from vlm3d_guidance import GuidanceConfig
     from vlm3d_guidance.guidance import STAGES
-    from vlm3d_guidance.tiny import build_tiny_qwen, load_tiny_hunyuan_pipeline
+    from vlm3d_guidance.tiny import load_tiny_hunyuan_pipeline
 
     root = tempfile.mkdtemp(prefix="vlm3d-bench-")
     steps = 6 if args.quick else 20
@@ -65,9 +57,8 @@ def main(argv=None) -> int:
     call = dict(num_inference_steps=steps, octree_resolution=32 if args.quick else 64, enable_pbar=False)
 
     stock = load_tiny_hunyuan_pipeline("standard", root=root)
-    critic = VLMCritic.from_pretrained(build_tiny_qwen("qwen2_5_vl", root=root), device="cpu")
-    pipe = GuidedHunyuanPipeline(load_tiny_hunyuan_pipeline("standard", root=root), critic, cfg)
-    image, prompt = _image(), "a red box"
+    pipe = tiny_guided_pipeline(root, cfg)
+    image, prompt = block_image(), "a red box"
 
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"threads {torch.get_num_threads()}; tiny models; {steps} steps; guidance grid "

@@ -30,19 +30,12 @@ import time
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+from tiny_setup import block_image, tiny_guided_pipeline  # noqa: E402
 
 torch.set_num_threads(1)
 
 STAGES = ("dit", "decode", "render", "critic_forward", "critic_backward", "render_backward", "decode_backward")
-
-
-def _image(size=64):
-    rgba = np.zeros((size, size, 4), np.uint8)
-    rgba[12:52, 18:46] = (200, 60, 40, 255)
-    return Image.fromarray(rgba)
 
 
 def _best(fn, repeats):
@@ -166,16 +159,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="3 steps, one repeat (CI)")
     args = parser.parse_args(argv)
 
-    from vlm3d_guidance import GuidanceConfig, GuidedHunyuanPipeline
-    from vlm3d_guidance.critic import VLMCritic
     from vlm3d_guidance.geometry import decode_surface
-    from vlm3d_guidance.tiny import build_tiny_qwen, load_tiny_hunyuan_pipeline
 
     root = tempfile.mkdtemp(prefix="vlm3d-bench-")
     steps = 3 if args.quick else 5
     repeats = 1 if args.quick else 3
-    critic = VLMCritic.from_pretrained(build_tiny_qwen("qwen2_5_vl", root=root), device="cpu")
-    pipe = GuidedHunyuanPipeline(load_tiny_hunyuan_pipeline("standard", root=root), critic, GuidanceConfig())
+    pipe = tiny_guided_pipeline(root)
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}; tiny models; {steps} steps ({steps - 1} guided), 4 views x 448 px; "
           "no GPU lent to this task")
@@ -184,7 +173,7 @@ def main(argv=None) -> int:
     ratio = topology_table(vae, x0, repeats)
     backend = "torch" if ratio < 1.0 else "skimage"
     print(f"\nmedian torch / scikit-image topology time: {ratio:.2f} -> faster on this CPU: {backend}")
-    new, old64, old128 = step_table(pipe, _image(), "a red box", steps, backend)
+    new, old64, old128 = step_table(pipe, block_image(), "a red box", steps, backend)
     print(f"\nguided step: after 128^3 (tracked) {new:.4f} s; before 128^3 {old128:.4f} s "
           f"({new / old128:.2f}x); before 64^3 {old64:.4f} s ({new / old64:.2f}x; target <= 1.00)")
     with torch.no_grad():
