@@ -56,12 +56,12 @@ SEED = 0
 # sizes of the default run (the shipped weights); --quick divides the work for a smoke test
 SIZES = dict(gen_objects=800, critic_objects=320, ae_steps=3000, ae_batch=16, ae_points=2048, ae_check_every=1000,
              ae_check_objects=16,
-             dit_steps=1500, dit_batch=48, critic_epochs=5, critic_lr=3e-4, critic_vision_lr_mult=1.0,
-             critic_estimates=2, critic_max_weight=3.0)
+             dit_steps=1500, dit_batch=48, critic_epochs=5, critic_lr=3e-4, critic_estimates=2,
+             critic_max_weight=3.0)
 QUICK = dict(gen_objects=16, critic_objects=8, ae_steps=6, ae_batch=4, ae_points=256, ae_check_every=6,
              ae_check_objects=2,
-             dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_vision_lr_mult=1.0,
-             critic_estimates=1, critic_max_weight=3.0)
+             dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_estimates=1,
+             critic_max_weight=3.0)
 
 
 # ------------------------------------------------------------------------------------ the encoder
@@ -247,6 +247,19 @@ def train_autoencoder(shapes, sizes, log, check_pairs=()):
     return encoder.eval(), vae, checks
 
 
+def judge_surface(verts: torch.Tensor, faces: torch.Tensor, intact) -> dict:
+    """:func:`~vlm3d_guidance.toy.judge` of a decoded surface (``verts [V, 3]``, ``faces [F, 3]``,
+    no faces = empty) against the ``intact`` object it was encoded from."""
+    from types import SimpleNamespace
+
+    import trimesh
+
+    from .judge import judge
+
+    mesh = trimesh.Trimesh(verts.double().numpy(), faces.numpy(), process=True) if faces.shape[0] else None
+    return judge(mesh, SimpleNamespace(object=intact))
+
+
 @torch.no_grad()
 def decode_check(encoder, vae, pairs, resolution: int = 64) -> dict:
     """How faithfully the autoencoder shows what breaks a shape (the AE's stopping rule).
@@ -263,24 +276,19 @@ def decode_check(encoder, vae, pairs, resolution: int = 64) -> dict:
         intact decode judged failed) and ``broken_passed`` (``"<class> <break mode>"`` of each broken
         decode judged ok).
     """
-    from types import SimpleNamespace
-
-    import trimesh
-
     from ..geometry import decode_surface
-    from .judge import judge
 
     def verdict(shape, truth):
         (verts, faces), = decode_surface(vae, encoder(*encoder_input(shape)), resolution=resolution, box_v=BOX_V)
-        mesh = trimesh.Trimesh(verts.double().numpy(), faces.numpy(), process=True) if faces.shape[0] else None
-        return judge(mesh, SimpleNamespace(object=truth))
+        return judge_surface(verts, faces, truth)
 
+    broken_pairs = [(a, b) for a, b in pairs if b is not None]
     intact = [verdict(a, a) for a, _ in pairs]
-    broken = [verdict(b, a) for a, b in pairs if b is not None]
+    broken = [verdict(b, a) for a, b in broken_pairs]
     ok = float(np.mean([not v["failed"] for v in intact]))
     bad = float(np.mean([v["failed"] for v in broken])) if broken else math.nan
     missed = [f"{a.cls}: {v['reason']}" for (a, _), v in zip(pairs, intact) if v["failed"]]
-    passed = [f"{b.cls} {b.broken}" for b, v in zip([b for _, b in pairs if b is not None], broken) if not v["failed"]]
+    passed = [f"{b.cls} {b.broken}" for (_, b), v in zip(broken_pairs, broken) if not v["failed"]]
     return dict(intact_ok=ok, broken_failed=bad, fidelity=float(np.nanmean([ok, bad])),
                 iou=float(np.mean([v["iou"] for v in intact])), n_intact=len(intact), n_broken=len(broken),
                 intact_failures=missed, broken_passed=passed)
@@ -312,7 +320,10 @@ def train_generator(latents, refs, scale_factor, sizes, log, init=None):
     steps help; the training script starts from scratch)."""
     config = models.generator_config(scale_factor)
     torch.manual_seed(SEED + 1)
-    dit, _, conditioner, _ = models.instantiate_generator(config) if init is None else (init[0], None, init[1], None)
+    if init is None:
+        dit, _, conditioner, _ = models.instantiate_generator(config)
+    else:
+        dit, conditioner = init
     conditioner.requires_grad_(True)
     conditioner.train()
     dit.train()
@@ -371,14 +382,7 @@ def shown_geometry(verts: torch.Tensor, faces: torch.Tensor, intact) -> str | No
     """What a decoded surface shows, by :func:`~vlm3d_guidance.toy.judge` against the ``intact``
     object it was encoded from: ``intact.cls`` when judged ok, ``"cup"`` for a mug judged only
     "missing handle", else None (broken)."""
-    from types import SimpleNamespace
-
-    import trimesh
-
-    from .judge import judge
-
-    verdict = judge(trimesh.Trimesh(verts.double().numpy(), faces.numpy(), process=True),
-                    SimpleNamespace(object=intact))
+    verdict = judge_surface(verts, faces, intact)
     if not verdict["failed"]:
         return intact.cls
     return "cup" if intact.cls == "mug" and verdict["reason"] == "missing handle" else None
@@ -410,22 +414,21 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, gu
     stats = dict(final_latents=0, empty=0, intact_shown_broken=0, broken_shown_intact=0)
     start = time.perf_counter()
     for i, (obj, broken) in enumerate(shapes):
-        finals = {"intact": (obj.geometry_class, None)}
+        nominal = {"intact": obj.geometry_class}
         if broken is not None:
-            finals["broken"] = (broken.geometry_class, None)
-        items = []
-        for key, (nominal, _) in finals.items():
+            nominal["broken"] = broken.geometry_class
+        shown, items = {}, []
+        for key in nominal:
             surface = latent_surface(vae, latents[key][i:i + 1] * scale, guidance, export)
             stats["final_latents"] += 1
             if surface is None:
                 stats["empty"] += 1
-                finals[key] = (None, None)
+                shown[key] = None
                 continue
-            shown = shown_geometry(*surface, obj)
-            stats["intact_shown_broken"] += key == "intact" and shown != nominal
-            stats["broken_shown_intact"] += key == "broken" and shown == obj.cls
-            finals[key] = (shown, surface)
-            items.append((surface, shown, "final"))
+            shown[key] = shown_geometry(*surface, obj)
+            stats["intact_shown_broken"] += key == "intact" and shown[key] != nominal[key]
+            stats["broken_shown_intact"] += key == "broken" and shown[key] == obj.cls
+            items.append((surface, shown[key], "final"))
         for _ in range(sizes["critic_estimates"]):
             target = "broken" if broken is not None and rng.random() < 0.5 else "intact"
             x1 = latents[target][i:i + 1] * scale
@@ -439,7 +442,7 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, image_processor, gu
                 v = vu + 5.0 * (vc - vu)
             surface = latent_surface(vae, z + (1 - s) * v, guidance, export)
             if surface is not None:
-                items.append((surface, finals[target][0], f"estimate@{s:.2f}"))
+                items.append((surface, shown[target], f"estimate@{s:.2f}"))
         for surface, geometry, kind in items:
             u8 = surface_views(*surface, guidance).mul(255).round().to(torch.uint8)
             for desc, label in _label_description(obj.cls, geometry, rng):
@@ -465,14 +468,11 @@ def train_critic(data, sizes, log, folder: Path):
     held = set(order[: max(1, len(data) // 10)].tolist())
     train_idx = [i for i in order if i not in held]
     weights = label_balance_weights(data, sizes["critic_max_weight"])
-    # the vision tower starts from random weights and has the most to learn: a higher learning rate
-    vision = [p for n, p in model.named_parameters() if "visual" in n]
-    rest = [p for n, p in model.named_parameters() if "visual" not in n]
-    lrs = [sizes["critic_lr"] * sizes["critic_vision_lr_mult"], sizes["critic_lr"]]
-    opt = torch.optim.AdamW([{"params": vision, "lr": lrs[0]}, {"params": rest, "lr": lrs[1]}], weight_decay=0.01)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=sizes["critic_lr"], weight_decay=0.01)
     batch = 8
     total_steps = sizes["critic_epochs"] * math.ceil(len(train_idx) / batch)  # optimizer steps, all epochs
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lrs, total_steps=max(1, total_steps), pct_start=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=sizes["critic_lr"], total_steps=max(1, total_steps),
+                                                pct_start=0.05)
     start = time.perf_counter()
     seen = 0
     for epoch in range(sizes["critic_epochs"]):
