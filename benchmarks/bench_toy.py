@@ -26,8 +26,8 @@ import torch
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "toy_results"
 
-# the knob study: name -> guidance overrides (applied on top of the toy defaults). The lam sweep runs
-# first and the toy default lam is chosen from it; every other knob is varied at the default lam.
+# the knob study: name -> guidance overrides (applied on top of the toy defaults). The lam rows are
+# the sweep the toy default lam is chosen from; every other knob is varied at the default lam.
 LAMS = (0.0, 0.02, 0.05, 0.1, 0.2)
 KNOBS = {
     **{("lam=0 (unguided)" if lam == 0 else f"lam={lam:g}"): dict(lam=lam) for lam in LAMS},
@@ -231,7 +231,7 @@ def main(argv=None):
         RESULTS = Path(tempfile.mkdtemp(prefix="bench_toy_quick_"))
         args.part, args.count = args.part or "main", 2
     elif args.part is None:
-        parser.error("give a part: main, knobs, language or summary (or --quick)")
+        parser.error("give a part: main, knobs, language, sampler or summary (or --quick)")
     torch.set_num_threads(1)
     {"main": part_main, "knobs": part_knobs, "language": part_language, "sampler": part_sampler,
      "summary": part_summary}[args.part](args)
