@@ -27,12 +27,12 @@ GENERATOR_SUBFOLDER = "hunyuan3d-dit-toy"
 CRITIC_FOLDER = "critic"
 MANIFEST = "manifest.json"
 
-DINO = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-            patch_size=14, image_size=56, layerscale_value=1.0)
-VAE = dict(num_latents=64, embed_dim=8, width=64, heads=4, num_decoder_layers=2, num_freqs=6,
+DINO = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=2, intermediate_size=192,
+            patch_size=14, image_size=112, layerscale_value=1.0)
+VAE = dict(num_latents=64, embed_dim=8, width=96, heads=4, num_decoder_layers=2, num_freqs=6,
            qkv_bias=True, qk_norm=True, scale_factor=1.0)
-DIT = dict(in_channels=VAE["embed_dim"], context_in_dim=DINO["hidden_size"], hidden_size=128, mlp_ratio=2.0,
-           num_heads=4, depth=2, depth_single_blocks=3, axes_dim=[32], theta=10000, qkv_bias=True,
+DIT = dict(in_channels=VAE["embed_dim"], context_in_dim=DINO["hidden_size"], hidden_size=192, mlp_ratio=2.0,
+           num_heads=6, depth=3, depth_single_blocks=4, axes_dim=[32], theta=10000, qkv_bias=True,
            guidance_embed=False)
 IMAGE_PROCESSOR_SIZE = 128
 CRITIC_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -2,33 +2,39 @@
 
 Stages (each cached in ``--work``, so a later stage can be rerun alone with ``--from-stage``):
 
-1. ``autoencoder``: hy3dgen's ``ShapeVAE`` decoder with an encoder of our own (:class:`PointEncoder`:
-   farthest-point seeds of surface samples attending to all of them, as Hunyuan's own encoder does;
-   2.0.2's ShapeVAE has none), trained on generator-split shapes
-   (intact and broken) to reproduce the field ``clamp(-sdf / 0.2, -1, 1)`` at surface-near and
-   uniform points (a broken shape is also sampled where its intact parts were). Every 1000 steps
-   :func:`decode_check` judges held-out decodes (logged, and kept in the manifest). The encoder is
-   not shipped: it only turns shapes into latents.
+1. ``autoencoder``: hy3dgen's ``ShapeVAE`` decoder with an encoder of our own
+   (:mod:`vlm3d_guidance.toy.encoder`: aligned latents, tokens seeded on the intact object's
+   surface with features of the actual shape's field; 2.0.2's ShapeVAE has none), trained on the
+   first ``ae_objects`` generator-split shapes (intact and broken) to reproduce the field
+   ``clamp(-sdf / 0.2, -1, 1)`` at surface-near and uniform points (a broken shape is also
+   sampled where its intact parts were). Every 1000 steps :func:`decode_check` judges held-out
+   decodes (logged, and kept in the manifest). The encoder is not shipped.
 2. ``latents``: every generator- and critic-split shape encoded; ``vae.scale_factor`` set so the
    DiT's latents have unit variance (``decode(x / scale_factor)`` as hy3dgen does).
-3. ``generator``: ``Hunyuan3DDiT`` + the DINOv2 ``SingleImageEncoder`` trained by flow matching in
-   hy3dgen's convention (``z_s = s x + (1 - s) eps``, velocity ``x - eps``, the model sees ``s``),
-   conditioned on the INTACT object's reference image, while the target is a broken variant with
-   probability :data:`BROKEN_SHARE` for classes that have one: the toy counterpart of noisy 3D data.
-   10 % of conditions are dropped to zeros (hy3dgen's unconditional embedding) for CFG.
-4. ``critic_data``: critic-split shapes rendered exactly as the guided step renders (decode_surface
+3. ``references``: each generator-split intact object's reference through hy3dgen's own
+   ImageProcessorV2, with its part parameters (:func:`~vlm3d_guidance.toy.conditioner.part_targets`).
+4. ``conditioner``: the DINOv2 ``SingleImageEncoder`` pretrained to read the part parameters off the
+   reference (:mod:`vlm3d_guidance.toy.conditioner`), then frozen.
+5. ``generator``: ``Hunyuan3DDiT`` trained by flow matching in hy3dgen's convention
+   (:mod:`vlm3d_guidance.toy.flow`: token-level OT coupling, EMA), conditioned on the frozen
+   conditioner's tokens of the INTACT object's reference, while the target is a broken variant
+   with probability :data:`BROKEN_SHARE` for classes that have one: the toy counterpart of noisy
+   3D data. 10 % of conditions are dropped to zeros (hy3dgen's unconditional embedding) for CFG.
+6. ``critic_data``: critic-split shapes rendered exactly as the guided step renders (decode_surface
    at the toy guidance grid, the orbit cameras, render_views at the toy size), labelled by what the
    rendered surface shows (:func:`shown_geometry`): sound shapes with their description (Yes),
    broken ones (No), wrong descriptions (No; mug <-> cup are the hard pairs), and renders of the
    generator's own clean-latent estimates at random sigma labelled by the target they were noised
    from.
-5. ``critic``: transformers' ``Qwen2_5_VLForConditionalGeneration`` (small) trained with a logistic
+7. ``critic``: transformers' ``Qwen2_5_VLForConditionalGeneration`` (small) trained with a logistic
    loss on the package's reward ``r = z_yes - z_no`` of the default dual query, through
    :class:`~vlm3d_guidance.critic.VLMCritic` itself (same prompt, same differentiable preprocessing).
-6. ``export``: the weights in the published layouts plus ``manifest.json`` (sha256 of every file,
+8. ``export``: the weights in the published layouts plus ``manifest.json`` (sha256 of every file,
    command, seeds, data sizes, wall times).
 
-Runs on one CPU thread; the measured wall time is written to the manifest.
+``--to-stage`` stops after a stage (the cache lets a later call go on with ``--from-stage``; the
+manifest's wall times are the sum of the stages' own measured times). Runs on ``--threads``
+torch threads (default 1); the measured wall time is written to the manifest.
 """
 
 from __future__ import annotations
@@ -46,110 +52,27 @@ import numpy as np
 import torch
 
 from . import models
+from .conditioner import condition_tokens, part_targets, pretrain_conditioner
+from .encoder import StencilEncoder, encoder_input, project_to_surface
+from .flow import train_flow
 from .references import BOX_V, object_mesh, render_reference, split_object
 from .world import BREAK_MODES, CLASSES, DESCRIPTIONS, broken_variant
 
-STAGES = ("autoencoder", "latents", "generator", "critic_data", "critic", "export")
+STAGES = ("autoencoder", "latents", "references", "conditioner", "generator", "critic_data", "critic", "export")
 BROKEN_SHARE = 0.4  # of breakable classes' targets (3 of 4 classes): ~30 % of all targets
 SEED = 0
 
 # sizes of the default run (the shipped weights); --quick divides the work for a smoke test
-SIZES = dict(gen_objects=800, critic_objects=320, ae_steps=3000, ae_batch=16, ae_points=2048, ae_check_every=1000,
-             ae_check_objects=16,
-             dit_steps=1500, dit_batch=48, critic_epochs=5, critic_lr=3e-4, critic_estimates=2,
+SIZES = dict(gen_objects=2400, critic_objects=320, ae_objects=800, ae_steps=3000, ae_batch=16, ae_points=2048,
+             ae_pool=8192, ae_check_every=1000, ae_check_objects=16,
+             cond_steps=2000, cond_batch=64, cond_lr=1e-3, cond_check_objects=64,
+             dit_steps=1800, dit_batch=32, critic_epochs=5, critic_lr=3e-4, critic_estimates=2,
              critic_max_weight=3.0)
-QUICK = dict(gen_objects=16, critic_objects=8, ae_steps=6, ae_batch=4, ae_points=256, ae_check_every=6,
-             ae_check_objects=2,
+QUICK = dict(gen_objects=16, critic_objects=8, ae_objects=8, ae_steps=6, ae_batch=4, ae_points=256, ae_pool=512,
+             ae_check_every=6, ae_check_objects=2,
+             cond_steps=4, cond_batch=4, cond_lr=1e-3, cond_check_objects=4,
              dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_estimates=1,
              critic_max_weight=3.0)
-
-
-# ------------------------------------------------------------------------------------ the encoder
-SURFACE_POINTS = 1024  # surface samples an object is encoded from
-SEED_POINTS = 64  # = num_latents: the farthest-point seeds that become the latent tokens
-
-
-def surface_points(obj, count: int = SURFACE_POINTS, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(points [count, 3], normals [count, 3])`` on the object's surface, the same number from every
-    part (thin parts are as present as large ones), deterministic for ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    per = -(-4 * count // len(obj.parts))
-    found = []
-    for part in obj.parts:
-        lo, hi = _part_box(part)
-        cand = lo + (hi - lo) * torch.rand(per, 3, generator=gen, dtype=torch.float64)
-        for _ in range(3):
-            cand = _project(part.sdf, cand)
-        on_union = obj.sdf(cand).abs() < 2e-3  # on this part and not buried inside another
-        found.append(cand[on_union][: -(-count // len(obj.parts))])
-    pts = torch.cat(found)
-    if pts.shape[0] < count:  # pragma: no cover - every part shows far more surface than this
-        pts = torch.cat([pts, pts[torch.randint(pts.shape[0], (count - pts.shape[0],), generator=gen)]])
-    pts = pts[:count].detach()
-    with torch.enable_grad():
-        pts.requires_grad_(True)
-        (g,) = torch.autograd.grad(obj.sdf(pts).sum(), pts)
-    return pts.detach().float(), torch.nn.functional.normalize(g, dim=-1).float()
-
-
-def _part_box(part):
-    from .world import _part_bounds
-
-    lo, hi = _part_bounds(part)
-    return torch.as_tensor(lo - 0.05, dtype=torch.float64), torch.as_tensor(hi + 0.05, dtype=torch.float64)
-
-
-def farthest_points(points: torch.Tensor, count: int) -> torch.Tensor:
-    """Indices of ``count`` farthest-point samples of ``points [N, 3]`` (starting at index 0)."""
-    chosen = [0]
-    dist = (points - points[0]).norm(dim=-1)
-    for _ in range(count - 1):
-        nxt = int(dist.argmax())
-        chosen.append(nxt)
-        dist = torch.minimum(dist, (points - points[nxt]).norm(dim=-1))
-    return torch.tensor(chosen)
-
-
-class PointEncoder(torch.nn.Module):
-    """Surface samples -> latents ``[B, num_latents, embed_dim]``, as Hunyuan3D's own encoder works
-    (3DShape2VecSet): the farthest-point seeds query all surface points (position Fourier features
-    and normals) by cross-attention; each latent token describes the surface around its seed.
-    Training only (hy3dgen 2.0.2's ShapeVAE has no encoder)."""
-
-    def __init__(self, embed_dim: int, width: int = 128, num_freqs: int = 6):
-        super().__init__()
-        c = torch.nn
-        self.freqs = (2.0 ** torch.arange(num_freqs)) * math.pi
-        feat = 3 + 6 * num_freqs
-        self.point = c.Sequential(c.Linear(feat + 3, width), c.SiLU(), c.Linear(width, width))
-        self.seed = c.Sequential(c.Linear(feat, width), c.SiLU(), c.Linear(width, width))
-        self.attend = c.MultiheadAttention(width, 4, batch_first=True)
-        self.out = c.Sequential(c.LayerNorm(width), c.Linear(width, width), c.SiLU(), c.Linear(width, embed_dim))
-
-    def _fourier(self, p):
-        x = p[..., None] * self.freqs.to(p)
-        return torch.cat([p, x.sin().flatten(-2), x.cos().flatten(-2)], dim=-1)
-
-    def forward(self, points: torch.Tensor, normals: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
-        kv = self.point(torch.cat([self._fourier(points), normals], dim=-1))
-        q = self.seed(self._fourier(seeds))
-        mixed, _ = self.attend(q, kv, kv)
-        return self.out(mixed + q)
-
-
-def encoder_input(obj, seed: int = 0):
-    """``(points [1, N, 3], normals [1, N, 3], seeds [1, 64, 3])`` of one object."""
-    pts, nrm = surface_points(obj, seed=seed)
-    return pts[None], nrm[None], pts[farthest_points(pts, SEED_POINTS)][None]
-
-
-def _project(sdf_fn, pts: torch.Tensor) -> torch.Tensor:
-    """One Newton step of ``pts [N, 3]`` onto the zero set of ``sdf_fn`` (exact for exact SDFs)."""
-    with torch.enable_grad():
-        pts = pts.detach().requires_grad_(True)
-        d = sdf_fn(pts)
-        (g,) = torch.autograd.grad(d.sum(), pts)
-    return (pts - d[:, None] * torch.nn.functional.normalize(g, dim=-1)).detach()
 
 
 def field_samples(obj, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -166,9 +89,9 @@ def field_samples(obj, count: int, gen: torch.Generator) -> tuple[torch.Tensor, 
     """
     parts = list(obj.parts) + [p for p in obj.intact_parts if p not in obj.parts]
     per_part = (count // 2) // len(parts)
-    near = [_project(part.sdf, (torch.rand(per_part, 3, generator=gen) * 2 - 1) * BOX_V) for part in parts]
+    near = [project_to_surface(part.sdf, (torch.rand(per_part, 3, generator=gen) * 2 - 1) * BOX_V) for part in parts]
     union = count // 4
-    near.append(_project(obj.sdf, (torch.rand(union, 3, generator=gen) * 2 - 1) * BOX_V))
+    near.append(project_to_surface(obj.sdf, (torch.rand(union, 3, generator=gen) * 2 - 1) * BOX_V))
     near = torch.cat(near)
     near = near + 0.02 * torch.randn(near.shape, generator=gen)
     rest = count - near.shape[0]
@@ -198,34 +121,42 @@ def critic_shapes(count: int, seed: int = SEED):
 def train_autoencoder(shapes, sizes, log, check_pairs=()):
     """Stage 1: ``(encoder, vae, checks)`` fitted to the shapes' fields.
 
+    The encoder is :class:`~vlm3d_guidance.toy.encoder.StencilEncoder` (aligned latents: seeds on the
+    intact object, features of the actual shape's field); each shape's field is sampled once
+    (``ae_pool`` points, :func:`field_samples`) and each step draws ``ae_points`` of them. The
+    latents get Gaussian noise in training (std 0.02 on the positions, 0.05 on the features): a
+    smoother latent space for the DiT to land in.
+
     Every ``sizes["ae_check_every"]`` steps and at the end, :func:`decode_check` on
     ``check_pairs`` (held-out critic-split shapes), logged and returned as ``checks`` (a list of
-    ``{"step": ..., **check}``); the weights returned are the last step's. (Keeping the check with
-    the best fidelity instead picked an early decoder that drops thin parts everywhere, broken or
-    not: on 16 + 12 shapes the fidelity cannot tell that from a good one; the IoU can.)
+    ``{"step": ..., **check}``); the weights returned are the last step's.
     """
     config = models.generator_config()
     torch.manual_seed(SEED)
     _, vae, _, _ = models.instantiate_generator(config)
-    encoder = PointEncoder(models.VAE["embed_dim"])
+    encoder = StencilEncoder()
     pool = [s for pair in shapes for s in pair if s is not None]
-    inputs = [torch.cat(t) for t in zip(*[encoder_input(s) for s in pool])]
+    gen = torch.Generator().manual_seed(SEED)
+    seeds, stencils = (torch.cat(t) for t in zip(*[encoder_input(s) for s in pool]))
+    fields = [field_samples(s, sizes["ae_pool"], gen) for s in pool]
+    points = torch.stack([p for p, _ in fields])
+    values = torch.stack([f for _, f in fields])
+    noise_std = torch.tensor([0.02] * 3 + [0.05] * (models.VAE["embed_dim"] - 3))
     params = list(encoder.parameters()) + list(vae.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=sizes["ae_steps"], pct_start=0.05)
-    gen = torch.Generator().manual_seed(SEED)
     vae.train()
     start = time.perf_counter()
     checks = []
     for step in range(sizes["ae_steps"]):
         idx = torch.randint(len(pool), (sizes["ae_batch"],), generator=gen)
-        samples = [field_samples(pool[i], sizes["ae_points"], gen) for i in idx.tolist()]
-        pts = torch.stack([p for p, _ in samples])
-        target = torch.stack([f for _, f in samples])
-        mu = encoder(*(t[idx] for t in inputs))
-        z = mu + 0.05 * torch.randn(mu.shape, generator=gen)  # latent noise: a smoother latent space
+        pick = torch.randint(points.shape[1], (sizes["ae_batch"], sizes["ae_points"]), generator=gen)
+        pts = torch.gather(points[idx], 1, pick[..., None].expand(-1, -1, 3))
+        target = torch.gather(values[idx], 1, pick)
+        mu = encoder(seeds[idx], stencils[idx])
+        z = mu + noise_std * torch.randn(mu.shape, generator=gen)
         field = vae.geo_decoder(queries=pts, latents=vae(z)).squeeze(-1)
-        loss = (field - target).abs().mean() + 1e-3 * mu.pow(2).mean()
+        loss = (field - target).abs().mean() + 1e-3 * mu[..., 3:].pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -313,54 +244,23 @@ def prepare_references(shapes, image_processor) -> dict:
     return dict(image=torch.cat(images), mask=torch.cat(masks))
 
 
-def train_generator(latents, refs, scale_factor, sizes, log, init=None):
-    """Stage 3: (dit, conditioner) trained by flow matching on the broken-noisy pairs.
+def reference_inputs(shapes, image_processor) -> dict:
+    """Stage 3: the conditioner's inputs (:func:`prepare_references`) and part targets of each intact
+    object (:func:`~vlm3d_guidance.toy.conditioner.part_targets`)."""
+    refs = prepare_references(shapes, image_processor)
+    refs["target"] = torch.stack([part_targets(obj) for obj, _ in shapes])
+    return refs
 
-    ``init``: optional ``(dit, conditioner)`` to continue training from (a probe of whether more
-    steps help; the training script starts from scratch)."""
+
+def train_generator(latents, cond_tokens, scale_factor, sizes, log):
+    """Stage 5: the EMA DiT trained by flow matching (:func:`~vlm3d_guidance.toy.flow.train_flow`) on
+    the broken-noisy pairs, conditioned on the frozen conditioner's cached tokens."""
     config = models.generator_config(scale_factor)
     torch.manual_seed(SEED + 1)
-    if init is None:
-        dit, _, conditioner, _ = models.instantiate_generator(config)
-    else:
-        dit, conditioner = init
-    conditioner.requires_grad_(True)
-    conditioner.train()
-    dit.train()
-    x_intact = latents["intact"] * scale_factor
-    x_broken = latents["broken"] * scale_factor
-    has_broken = torch.isfinite(x_broken).flatten(1).all(1)
-    n = x_intact.shape[0]
-    groups = [{"params": list(dit.parameters()), "lr": 4e-4}, {"params": list(conditioner.parameters()), "lr": 2e-4}]
-    opt = torch.optim.AdamW(groups, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[4e-4, 2e-4], total_steps=sizes["dit_steps"], pct_start=0.05)
-    gen = torch.Generator().manual_seed(SEED + 2)
-    start = time.perf_counter()
-    for step in range(sizes["dit_steps"]):
-        idx = torch.randint(n, (sizes["dit_batch"],), generator=gen)
-        use_broken = has_broken[idx] & (torch.rand(len(idx), generator=gen) < BROKEN_SHARE)
-        x = torch.where(use_broken[:, None, None], torch.nan_to_num(x_broken[idx]), x_intact[idx])
-        eps = torch.randn(x.shape, generator=gen)
-        # sigma: uniform mixed with a logit-normal bump at mid-range (where structure is decided)
-        u = torch.rand(len(idx), generator=gen)
-        s = torch.where(torch.rand(len(idx), generator=gen) < 0.5, u, torch.sigmoid(torch.randn(len(idx), generator=gen)))
-        z = s[:, None, None] * x + (1 - s[:, None, None]) * eps
-        cond = conditioner(image=refs["image"][idx], mask=refs["mask"][idx])["main"]
-        drop = torch.rand(len(idx), generator=gen) < 0.1
-        cond = torch.where(drop[:, None, None], torch.zeros_like(cond), cond)
-        v = dit(z, s, {"main": cond})
-        loss = (v - (x - eps)).pow(2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(dit.parameters()) + list(conditioner.parameters()), 1.0)
-        opt.step()
-        sched.step()
-        if step % 100 == 0 or step == sizes["dit_steps"] - 1:
-            log(f"generator step {step}: MSE {float(loss):.4f} ({time.perf_counter() - start:.0f} s)")
-    dit.eval()
-    conditioner.eval()
-    conditioner.requires_grad_(False)
-    return dit, conditioner
+    dit, _, _, _ = models.instantiate_generator(config)
+    return train_flow(dit, latents["intact"] * scale_factor, latents["broken"] * scale_factor, cond_tokens,
+                      steps=sizes["dit_steps"], batch=sizes["dit_batch"], broken_share=BROKEN_SHARE, log=log,
+                      seed=SEED + 2)
 
 
 def _label_description(obj_cls: str, geometry_class: str | None, rng: np.random.Generator) -> list:
@@ -549,6 +449,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=str(models.WEIGHTS_DIR), help="where the weights go (default: the package's)")
     parser.add_argument("--work", default=None, help="stage cache folder (default: <out>/../toy_work)")
     parser.add_argument("--from-stage", choices=STAGES, default=STAGES[0], help="rerun from this stage on")
+    parser.add_argument("--to-stage", choices=STAGES, default=STAGES[-1], help="stop after this stage")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole script")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; the manifest records it)")
     args = parser.parse_args(argv)
@@ -567,7 +468,12 @@ def main(argv=None) -> int:
         log_file.write(line + "\n")
         log_file.flush()
 
+    last = STAGES.index(args.to_stage)
+
     def run(stage, fn):
+        if STAGES.index(stage) > last:
+            log(f"stopping after stage {args.to_stage} (--to-stage)")
+            sys.exit(0)
         path = work / f"{stage}.pt"
         if STAGES.index(stage) < first and path.exists():
             return torch.load(path, weights_only=False)
@@ -585,7 +491,7 @@ def main(argv=None) -> int:
     gen_shapes = generator_shapes(sizes["gen_objects"])
     crit_shapes = critic_shapes(sizes["critic_objects"])
     encoder, vae, ae_checks = run("autoencoder", lambda: train_autoencoder(
-        gen_shapes, sizes, log, check_pairs=crit_shapes[: sizes["ae_check_objects"]]))
+        gen_shapes[: sizes["ae_objects"]], sizes, log, check_pairs=crit_shapes[: sizes["ae_check_objects"]]))
 
     def _latents():
         lat = dict(generator=encode_all(encoder, gen_shapes), critic=encode_all(encoder, crit_shapes))
@@ -600,8 +506,19 @@ def main(argv=None) -> int:
     from hy3dgen.shapegen.pipelines import instantiate_from_config
 
     image_processor = instantiate_from_config(config["image_processor"])  # hy3dgen's own ImageProcessorV2
-    dit, conditioner = run("generator", lambda: train_generator(
-        latents["generator"], prepare_references(gen_shapes, image_processor), scale, sizes, log))
+    refs = run("references", lambda: dict(
+        generator=reference_inputs(gen_shapes, image_processor),
+        check=reference_inputs(crit_shapes[: sizes["cond_check_objects"]], image_processor)))
+
+    def _conditioner():
+        torch.manual_seed(SEED + 6)
+        fresh = instantiate_from_config(config["conditioner"])
+        return pretrain_conditioner(fresh, refs["generator"], refs["generator"]["target"], sizes, log,
+                                    held_out=(refs["check"], refs["check"]["target"]), seed=SEED + 6)
+
+    conditioner, cond_checks = run("conditioner", _conditioner)
+    dit = run("generator", lambda: train_generator(
+        latents["generator"], condition_tokens(conditioner, refs["generator"]), scale, sizes, log))
     critic_data = run("critic_data", lambda: make_critic_data(crit_shapes, latents["critic"], dit, conditioner, vae,
                                                               image_processor, TOY_GUIDANCE, sizes, log))
     data = critic_data["samples"]
@@ -625,7 +542,7 @@ def main(argv=None) -> int:
                       breakable_classes=[c for c in CLASSES if BREAK_MODES[c]],
                       critic_samples=len(data), critic_yes=n_yes, critic_no=len(data) - n_yes,
                       critic_label_stats=critic_data["stats"]),
-            sizes=sizes, scale_factor=scale, autoencoder_checks=ae_checks, critic_held_out_accuracy=accuracy,
+            sizes=sizes, scale_factor=scale, autoencoder_checks=ae_checks, conditioner_checks=cond_checks, critic_held_out_accuracy=accuracy,
             wall_seconds={k: round(v, 1) for k, v in times.items()},
             total_wall_seconds=round(sum(times.values()), 1),
             machine=dict(python=platform.python_version(), torch=torch.__version__, threads=torch.get_num_threads(),

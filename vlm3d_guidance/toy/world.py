@@ -160,8 +160,8 @@ class ToyObject:
 
 def _table(rng: np.random.Generator) -> tuple[dict, list]:
     w, d = rng.uniform(0.7, 1.0), rng.uniform(0.45, 0.8)
-    t, H = rng.uniform(0.05, 0.09), rng.uniform(0.6, 1.0)
-    r, inset = rng.uniform(0.075, 0.11), rng.uniform(0.04, 0.14)
+    t, H = rng.uniform(0.06, 0.1), rng.uniform(0.6, 1.0)
+    r, inset = rng.uniform(0.09, 0.13), rng.uniform(0.04, 0.12)
     params = dict(half_width=w, half_depth=d, half_thickness=t, leg_length=H, leg_radius=r, inset=inset)
     parts = [Part("top", "box", dict(center=(0.0, H + t, 0.0), half=(w, t, d)))]
     for i, (sx, sz) in enumerate(((1, 1), (1, -1), (-1, 1), (-1, -1))):
@@ -203,7 +203,7 @@ def _cup(rng: np.random.Generator) -> tuple[dict, list]:
 
 def _lamp(rng: np.random.Generator) -> tuple[dict, list]:
     rb, hb = rng.uniform(0.3, 0.45), rng.uniform(0.04, 0.07)
-    rp, P = rng.uniform(0.065, 0.09), rng.uniform(0.9, 1.3)
+    rp, P = rng.uniform(0.08, 0.11), rng.uniform(0.9, 1.3)
     r1, r2, s = rng.uniform(0.35, 0.5), rng.uniform(0.15, 0.3), rng.uniform(0.35, 0.5)
     params = dict(base_radius=rb, base_half_height=hb, pole_radius=rp, pole_top=P,
                   shade_bottom_radius=r1, shade_top_radius=r2, shade_height=s)
@@ -230,7 +230,7 @@ def _break(cls: str, params: dict, parts: list, mode: str, rng: np.random.Genera
         leg = parts[i]
         if mode == "leg missing":
             return parts[:i] + parts[i + 1:]
-        gap = rng.uniform(0.12, 0.25) / scale
+        gap = rng.uniform(0.15, 0.3) / scale
         H = params["leg_length"]
         length = H - gap
         c = leg.params["center"]
@@ -241,7 +241,7 @@ def _break(cls: str, params: dict, parts: list, mode: str, rng: np.random.Genera
         if mode == "handle missing":
             return parts[:1]
         a, b = params["handle_major"], params["handle_minor"]
-        gap = rng.uniform(0.06, 0.12) / scale
+        gap = rng.uniform(0.1, 0.16) / scale
         parts[1] = _handle(params["radius"], params["half_height"], params["handle_azimuth"], a, b, offset=0.03 + gap)
         return parts
     if cls == "lamp":
@@ -249,7 +249,7 @@ def _break(cls: str, params: dict, parts: list, mode: str, rng: np.random.Genera
             return parts[:2]
         if mode == "pole missing":
             return [parts[0], parts[2]]
-        gap = rng.uniform(0.08, 0.2) / scale  # the pole ends this far below the shade
+        gap = rng.uniform(0.15, 0.3) / scale  # the pole ends this far below the shade
         hb, top = params["base_half_height"], params["pole_top"] - 0.1 - gap
         parts[1] = Part("pole", "cylinder", dict(center=(0.0, (hb + top) / 2, 0.0), radius=params["pole_radius"],
                                                  half_height=(top - hb) / 2 + 0.01))
