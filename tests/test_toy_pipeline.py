@@ -11,8 +11,8 @@ from vlm3d_guidance import toy
 from vlm3d_guidance.toy.experiment import run_condition, summarize
 from vlm3d_guidance.toy.models import GENERATOR_MODEL_PATH, MANIFEST, WEIGHTS_DIR, load_generator, verify_weights
 
-# The first SUBSET test references (not chosen by outcome).
-SUBSET = 8
+# The first SUBSET test references (not chosen by outcome; 5 keeps the guided test near 2 minutes).
+SUBSET = 5
 
 
 @pytest.fixture(scope="module")
@@ -60,15 +60,15 @@ def test_generator_is_hy3dgens_own_pipeline_and_lam0_is_its_stock_call(pipe):
     assert GENERATOR_MODEL_PATH.startswith("vlm3d-toy/")
 
 
-# The shipped toy world (v2) misses its targets (benchmarks/RESULTS.md, "toy world v2"): its generator
-# often draws tables without legs and lamps without shades whatever the data's breakage, and its critic
-# tells tables apart no better than chance (held-out balanced accuracy 0.50 on tables, 0.70 over all
-# descriptions). These two tests state what the toy world must show; they are strict xfails, so a toy
-# world that meets them fails CI until they are turned back into plain tests.
-MISSED = pytest.mark.xfail(strict=True, reason="toy world v2 misses its targets (see RESULTS.md, toy world v2)")
+# The shipped toy world (v3) misses its guidance target (benchmarks/RESULTS.md, "toy world v3"): its
+# generator draws every table wrong whatever the data's breakage (legs and top misplaced), and its
+# critic is blind on mugs (held-out balanced accuracy 0.50: the same reward for every mug) and weak on
+# tables, so guidance has nothing to steer by where the failures are. The test below states what the
+# toy world must show; it is a strict xfail, so a toy world that meets it fails CI until it is turned
+# back into a plain test.
+MISSED = pytest.mark.xfail(strict=True, reason="toy world v3 misses its guidance target (see RESULTS.md, toy world v3)")
 
 
-@MISSED
 def test_the_critic_tells_intact_from_broken_on_exported_meshes(pipe):
     """The critic's reward of the intact ground truth vs its broken variants, rendered as the critic sees
     meshes: a sanity check of the shipped critic (the judge never uses it)."""
@@ -93,6 +93,7 @@ def test_the_critic_tells_intact_from_broken_on_exported_meshes(pipe):
 
         wins += reward(obj) > reward(broken)
         total += 1
+    print(f"\nintact scored above broken in {wins}/{total}")
     assert wins >= total - 1, f"intact scored above broken in {wins}/{total}"
 
 
