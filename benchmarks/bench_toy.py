@@ -144,6 +144,20 @@ def part_sampler(args):
     _save("sampler", out)
 
 
+def critic_auc_by_class(rows) -> str:
+    """``"table 0.40 (1 ok / 15 failed), ..."``: per class, the probability that a judge-ok export's
+    critic reward exceeds a judge-failed one's (ties count half); "n/a" where a side is empty."""
+    out = []
+    for cls in ("table", "mug", "cup", "lamp"):
+        rs = [r for r in rows if r["reference"].endswith(cls) and r["reward"] is not None]
+        ok = [r["reward"] for r in rs if not r["failed"]]
+        bad = [r["reward"] for r in rs if r["failed"]]
+        auc = (sum((a > b) + 0.5 * (a == b) for a in ok for b in bad) / (len(ok) * len(bad))
+               if ok and bad else None)
+        out.append(f"{cls} {'n/a' if auc is None else f'{auc:.2f}'} ({len(ok)} ok / {len(bad)} failed)")
+    return ", ".join(out)
+
+
 def part_summary(args):
     from vlm3d_guidance.toy.experiment import markdown_table, wilson
 
@@ -161,6 +175,9 @@ def part_summary(args):
         if up:
             lines.append(f"Guided steps whose applied update raised the reward at the clean estimate: "
                          f"{up['raised']}/{up['count']} ({up['share']:.2f}); mean change {up['mean_change']:+.3f}.")
+        lines.append("Is the critic right on the generator's final meshes? Per class, the AUC of the unguided "
+                     "exports' final reward for judge-ok vs judge-failed (0.5 = blind): "
+                     + critic_auc_by_class(m["rows"]["unguided"]) + ".")
         lines.append("")
     knob_files = sorted(RESULTS.glob("knobs*.json"))
     if knob_files:
