@@ -256,8 +256,11 @@ def test_ctrl_c_mid_run_exits_130_and_writes_nothing(tmp_path, ref, cli_env):
     out, log = tmp_path / "out", tmp_path / "stderr.log"
     env = {k: v for k, v in cli_env.items() if k != "TQDM_DISABLE"}  # the bar tells when sampling runs
     with open(log, "wb") as err:
+        # a run started from a background shell inherits SIGINT as ignored (Python then installs no
+        # KeyboardInterrupt handler and Ctrl-C does nothing): give the child the terminal's default
         proc = subprocess.Popen([str(SCRIPT), "--tiny", "--image", str(ref), "--prompt", "a box", "--steps", "400",
-                                 "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=err)
+                                 "-o", str(out)], env=env, stdout=subprocess.PIPE, stderr=err,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while b"reward=" not in log.read_bytes():  # sampling (400 steps, ~40 s) has begun
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
