@@ -69,12 +69,7 @@ def test_broken_variant_has_the_intact_seeds_and_empty_stencils_where_a_part_is_
 def test_stencil_matches_the_analytic_box_field():
     box = Part("b", "box", dict(center=(0, 0, 0), half=(0.3, 0.3, 0.3)))
     seeds = torch.tensor([[0.3, 0.0, 0.0]])
-
-    class One:
-        def sdf(self, p):
-            return box.sdf(p)
-
-    values = stencil_field(One(), seeds).view(5, 5, 5)  # [x, y, z], offsets -0.2..0.2
+    values = stencil_field(box, seeds).view(5, 5, 5)  # [x, y, z], offsets -0.2..0.2
     x_offsets = torch.linspace(-0.2, 0.2, 5)
     expected = (-x_offsets / STENCIL_SPACING).clamp(-1, 1)  # inside for negative x offsets
     assert torch.allclose(values[:, 2, 2], expected, atol=1e-6)

@@ -55,7 +55,7 @@ from . import models
 from .conditioner import condition_tokens, part_targets, pretrain_conditioner
 from .encoder import StencilEncoder, encoder_input, project_to_surface
 from .flow import train_flow
-from .references import BOX_V, object_mesh, render_reference, split_object
+from .references import BOX_V, render_reference, split_object
 from .world import BREAK_MODES, CLASSES, DESCRIPTIONS, broken_variant
 
 STAGES = ("autoencoder", "latents", "references", "conditioner", "generator", "critic_data", "critic", "export")
@@ -255,9 +255,10 @@ def reference_inputs(shapes, image_processor) -> dict:
 def train_generator(latents, cond_tokens, scale_factor, sizes, log):
     """Stage 5: the EMA DiT trained by flow matching (:func:`~vlm3d_guidance.toy.flow.train_flow`) on
     the broken-noisy pairs, conditioned on the frozen conditioner's cached tokens."""
-    config = models.generator_config(scale_factor)
+    from hy3dgen.shapegen.pipelines import instantiate_from_config
+
     torch.manual_seed(SEED + 1)
-    dit, _, _, _ = models.instantiate_generator(config)
+    dit = instantiate_from_config(models.generator_config(scale_factor)["model"])
     return train_flow(dit, latents["intact"] * scale_factor, latents["broken"] * scale_factor, cond_tokens,
                       steps=sizes["dit_steps"], batch=sizes["dit_batch"], broken_share=BROKEN_SHARE, log=log,
                       seed=SEED + 2)
