@@ -165,7 +165,7 @@ def test_critic_labels_follow_the_shown_geometry():
     """shown_geometry judges the surface the critic sees against the intact object: an intact mug
     shows "mug", the same mug without its handle "cup", with a floating handle None (broken)."""
     from vlm3d_guidance.toy.references import _mesh_tensors
-    from vlm3d_guidance.toy.train import shown_geometry
+    from vlm3d_guidance.toy.critic_training import shown_geometry
 
     mug = split_object("critic", 0, 1)
     assert mug.cls == "mug"

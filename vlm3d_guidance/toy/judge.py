@@ -124,3 +124,14 @@ def judge(mesh, reference) -> dict:
         reasons.append("missing " + ", ".join(missing))
     return dict(failed=bool(reasons), reason="; ".join(reasons) or "ok", iou=iou, floating_share=floating_share,
                 components=len(parts), coverage=coverage)
+
+
+def judge_surface(verts: torch.Tensor, faces: torch.Tensor, intact) -> dict:
+    """:func:`judge` of a decoded surface (``verts [V, 3]``, ``faces [F, 3]``; no faces = empty)
+    against the ``intact`` :class:`~vlm3d_guidance.toy.world.ToyObject` it was made from."""
+    from types import SimpleNamespace
+
+    import trimesh
+
+    mesh = trimesh.Trimesh(verts.double().numpy(), faces.numpy(), process=True) if faces.shape[0] else None
+    return judge(mesh, SimpleNamespace(object=intact))
