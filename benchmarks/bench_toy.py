@@ -4,6 +4,7 @@
     python benchmarks/bench_toy.py knobs     # the knob study on the first --knob-count references
     python benchmarks/bench_toy.py language  # hidden-handle mugs: does the output follow the prompt?
     python benchmarks/bench_toy.py sampler   # unguided under other CFG scales / step counts
+    python benchmarks/bench_toy.py controls  # is the update able to repair, is the critic's gradient informative?
     python benchmarks/bench_toy.py summary   # tables (markdown) + knob plot from the saved parts
     python benchmarks/bench_toy.py --quick   # CI smoke run (2 references, a temporary results folder)
 
@@ -144,6 +145,42 @@ def part_sampler(args):
     _save("sampler", out)
 
 
+# the controls: name -> (reward, guidance overrides). "truth views" is ReferenceViewReward (it knows
+# the intact object: an upper bound for the update, not a critic); "critic" is the shipped critic.
+CONTROLS = {
+    "truth-view reward, fixed cameras": ("truth", dict(fill=None)),
+    "truth-view reward, fixed cameras, lam=0.2": ("truth", dict(fill=None, lam=0.2)),
+    "critic, fixed cameras": ("critic", dict(fill=None)),
+    "critic negated": ("negated", {}),
+}
+
+
+def part_controls(args):
+    """Guidance with rewards that isolate the update from the critic, on the knob references:
+    a reward that knows the intact object's views (can the update repair at all?) and the critic's
+    reward negated (does the critic's gradient carry information?)."""
+    from dataclasses import replace
+
+    from vlm3d_guidance import toy
+    from vlm3d_guidance.toy.experiment import NegatedCritic, ReferenceViewReward, run_condition, summarize
+
+    pipe = toy.load_pipeline()
+    refs = toy.references("test", count=args.knob_count, seed=0)
+    out = {}
+    names = [n for n in CONTROLS if not args.only or any(o in n for o in args.only)]
+    for name in names:
+        kind, overrides = CONTROLS[name]
+        cfg = replace(pipe.config, **overrides)
+        rows, report = [], _progress(name)
+        for i, ref in enumerate(refs):
+            critic = {"truth": lambda: ReferenceViewReward.for_reference(ref, cfg),
+                      "negated": lambda: NegatedCritic(pipe.critic), "critic": lambda: None}[kind]()
+            rows += run_condition(pipe, [ref], name, overrides, critic=critic, seeds=[i])
+            report(i + 1, len(refs), rows[-1])
+        out[name] = dict(summary=summarize(rows), rows=[r.to_dict() for r in rows])
+        _save("controls" if not args.only else f"controls_{args.only[0].replace(' ', '_').replace(',', '')}", out)
+
+
 def critic_auc_by_class(rows) -> str:
     """``"table 0.40 (1 ok / 15 failed), ..."``: per class, the probability that a judge-ok export's
     critic reward exceeds a judge-failed one's (ties count half); "n/a" where a side is empty."""
@@ -187,6 +224,13 @@ def part_summary(args):
         merged = {_default_label(n): found[n] for n in KNOBS if n in found}  # the table in KNOBS' order
         lines += ["### Knob study", "", markdown_table({k: v["summary"] for k, v in merged.items()}), ""]
         _plot(merged)
+    control_files = sorted(RESULTS.glob("controls*.json"))
+    if control_files:
+        found = {}
+        for f in control_files:
+            found.update(json.loads(f.read_text()))
+        lines += ["### Controls (same references and seeds as the knob study)", "",
+                  markdown_table({n: found[n]["summary"] for n in CONTROLS if n in found}), ""]
     sampler = RESULTS / "sampler.json"
     if sampler.exists():
         rows = json.loads(sampler.read_text())
@@ -232,14 +276,14 @@ def _plot(merged):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "sampler", "summary"),
+    parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "sampler", "controls", "summary"),
                         help="which part (default with --quick: main)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: main on 2 references, results in a "
                         "temporary folder (benchmarks/toy_results is left alone)")
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--knob-count", type=int, default=16)
     parser.add_argument("--language-count", type=int, default=8)
-    parser.add_argument("--only", nargs="*", help="knobs: run only the conditions whose names contain these")
+    parser.add_argument("--only", nargs="*", help="knobs, controls: run only the conditions whose names contain these")
     args = parser.parse_args(argv)
     if args.quick:
         global RESULTS
@@ -248,10 +292,10 @@ def main(argv=None):
         RESULTS = Path(tempfile.mkdtemp(prefix="bench_toy_quick_"))
         args.part, args.count = args.part or "main", 2
     elif args.part is None:
-        parser.error("give a part: main, knobs, language, sampler or summary (or --quick)")
+        parser.error("give a part: main, knobs, language, sampler, controls or summary (or --quick)")
     torch.set_num_threads(1)
     {"main": part_main, "knobs": part_knobs, "language": part_language, "sampler": part_sampler,
-     "summary": part_summary}[args.part](args)
+     "controls": part_controls, "summary": part_summary}[args.part](args)
     return 0
 
 

@@ -175,3 +175,29 @@ def test_critic_labels_follow_the_shown_geometry():
         verts, faces = _mesh_tensors(obj, 64)
         shown[mode] = shown_geometry(verts.float(), faces, mug)
     assert shown == {None: "mug", "handle missing": "cup", "handle floating": None}
+
+
+def test_truth_view_reward_is_zero_on_the_truth_and_falls_as_the_mesh_moves():
+    """The controls' ReferenceViewReward: 0 for the intact object's own views, lower the further a
+    copy is moved, and refused with cameras fitted per step (its truth views would not line up)."""
+    from dataclasses import replace
+
+    from vlm3d_guidance.render import orbit_cameras, render_views
+    from vlm3d_guidance.toy import TOY_GUIDANCE
+    from vlm3d_guidance.toy.experiment import ReferenceViewReward
+
+    cfg = replace(TOY_GUIDANCE, fill=None)
+    ref = references("test", count=1)[0]
+    reward = ReferenceViewReward.for_reference(ref, cfg)
+    cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01)
+    faces = torch.as_tensor(np.asarray(ref.mesh.faces), dtype=torch.long)
+
+    def value(shift):
+        verts = torch.as_tensor(np.asarray(ref.mesh.vertices), dtype=torch.float32) + torch.tensor([shift, 0.0, 0.0])
+        views = render_views(verts, faces, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
+        return float(reward.reward(views.clamp(0, 1), "ignored"))
+
+    assert value(0.0) == 0.0
+    assert 0.0 > value(0.05) > value(0.2)
+    with pytest.raises(ValueError, match="fill=None"):
+        ReferenceViewReward.for_reference(ref, TOY_GUIDANCE)

@@ -180,3 +180,58 @@ def uphill_summary(steps) -> dict:
     changes = [after - before for _, before, after in steps]
     raised = sum(c > 0 for c in changes)
     return dict(count=len(changes), raised=raised, share=raised / len(changes), mean_change=float(np.mean(changes)))
+
+
+class ReferenceViewReward:
+    """A diagnostic reward that KNOWS the answer: ``-100 * mean((views - truth_views)^2)``, the
+    critic's views compared with the intact ground truth's views from the same cameras.
+
+    It answers "can the guided step repair a shape when its reward is right?", separating the
+    update (decode -> mesh -> render -> x0 update) from the critic. Use it with ``fill=None``
+    (cameras fixed, not fitted to each step's mesh, so the truth's views line up) and pass it as
+    ``critic=`` to :func:`run_condition` one reference at a time (:meth:`for_reference`). It has the
+    critic interface the pipeline uses (``reward``, ``check_prompt``, ``device``); it is not a
+    critic, it never sees the prompt.
+    """
+
+    device = torch.device("cpu")
+
+    def __init__(self, truth_views: torch.Tensor):
+        self.truth_views = truth_views  # [N, 3, S, S] in [0, 1]
+
+    @classmethod
+    def for_reference(cls, reference, cfg, box_v: float = 1.01) -> "ReferenceViewReward":
+        """The truth's views of ``reference.mesh`` with the cameras the guided step uses when
+        ``cfg.fill`` is None (``cfg`` a :class:`~vlm3d_guidance.GuidanceConfig`)."""
+        from ..render import orbit_cameras, render_views
+
+        if cfg.fill is not None:
+            raise ValueError("ReferenceViewReward needs fixed cameras: use it with fill=None")
+        cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=box_v)
+        verts = torch.as_tensor(np.asarray(reference.mesh.vertices), dtype=torch.float32)
+        faces = torch.as_tensor(np.asarray(reference.mesh.faces), dtype=torch.long)
+        with torch.no_grad():
+            views = render_views(verts, faces, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
+        return cls(views.clamp(0, 1))
+
+    def check_prompt(self, *args, **kwargs) -> None:
+        return None
+
+    def reward(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
+        """0-d tensor; ``images [N, 3, S, S]`` as the guided step renders them."""
+        return -100.0 * (images - self.truth_views.to(images)).pow(2).mean()
+
+
+class NegatedCritic:
+    """A critic whose reward is minus ``critic``'s: guidance pushed the other way (a control: if the
+    critic's gradient carries information, negating it must not give the same outcome)."""
+
+    def __init__(self, critic):
+        self.critic = critic
+        self.device = critic.device
+
+    def check_prompt(self, *args, **kwargs):
+        return self.critic.check_prompt(*args, **kwargs)
+
+    def reward(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
+        return -self.critic.reward(images, prompt)
