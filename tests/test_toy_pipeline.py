@@ -28,6 +28,12 @@ def test_manifest_lists_every_shipped_file_with_its_hash():
     assert manifest["command"].startswith("python -m vlm3d_guidance.toy.train")
     assert manifest["total_wall_seconds"] <= 90 * 60
     assert {"generator_objects", "critic_objects", "critic_samples"} <= set(manifest["data"])
+    # the shipped weights were made by the training script's current default sizes (options added
+    # since, absent from the manifest, must be off by default)
+    from vlm3d_guidance.toy.train import SIZES
+
+    assert {k: SIZES.get(k) for k in manifest["sizes"]} == manifest["sizes"]
+    assert SIZES["critic_rollouts"] == manifest["sizes"].get("critic_rollouts", 0)
 
 
 def test_corrupt_or_missing_weights_are_refused_before_loading(tmp_path):

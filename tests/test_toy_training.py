@@ -123,12 +123,26 @@ def test_training_script_quick_run_reproduces_a_loadable_toy(tmp_path):
     assert set(manifest["wall_seconds"]) == set(train.STAGES[:-1])  # the export is written before its own time
     assert manifest["data"]["critic_samples"] == manifest["data"]["critic_yes"] + manifest["data"]["critic_no"] > 0
     assert manifest["sizes"] == train.QUICK
+    rollouts = manifest["data"]["critic_label_stats"]["rollouts"]
+    assert sum(v["runs"] for v in rollouts.values()) == train.QUICK["critic_rollouts"]
     times = json.loads((work / "times.json").read_text())
     pipe = toy.load_pipeline(weights=out)
     ref = toy.references("test", count=1)[0]
     mesh = pipe(image=ref.image, prompt=ref.prompt, generator=torch.Generator().manual_seed(0), enable_pbar=False,
                 **dict(toy.TOY_SAMPLING, num_inference_steps=2), lam=0.0)[0]
     assert toy.judge(mesh, ref)["reason"]  # a verdict on whatever the untrained generator draws
+
+    # the rollouts' recorded estimates: the last step's x0 = z + (1 - sigma) v lands on sigma = 1,
+    # so it IS the sampler's final latent; one estimate per step, sigmas rising from 0
+    from vlm3d_guidance.toy.critic_training import recorded_estimates
+
+    with recorded_estimates(pipe.pipeline) as estimates:
+        final = pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(0), enable_pbar=False,
+                              num_inference_steps=3, guidance_scale=5.0, output_type="latent")
+    assert [round(s, 6) for s, _ in estimates] == sorted(round(s, 6) for s, _ in estimates) and len(estimates) == 3
+    assert estimates[0][0] == 0.0
+    torch.testing.assert_close(estimates[-1][1], final.float(), rtol=0, atol=1e-5)
+    assert "step" not in vars(pipe.pipeline.scheduler)  # the hook is gone
 
     generator_file = next((out / "generator").rglob("model.fp16.safetensors"))
     generator_hash = models.sha256(generator_file)

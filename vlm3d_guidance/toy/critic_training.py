@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import math
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -40,14 +42,87 @@ def _label_description(obj_cls: str, geometry_class: str | None, rng: np.random.
     return out
 
 
-def shown_geometry(verts: torch.Tensor, faces: torch.Tensor, intact) -> str | None:
-    """What a decoded surface shows, by :func:`~vlm3d_guidance.toy.judge` against the ``intact``
-    object it was encoded from: ``intact.cls`` when judged ok, ``"cup"`` for a mug judged only
-    "missing handle", else None (broken)."""
-    verdict = judge_surface(verts, faces, intact)
+def verdict_geometry(verdict: dict, intact) -> str | None:
+    """What a judged shape shows: ``intact.cls`` when the verdict is ok, ``"cup"`` for a mug judged
+    only "missing handle", else None (broken)."""
     if not verdict["failed"]:
         return intact.cls
     return "cup" if intact.cls == "mug" and verdict["reason"] == "missing handle" else None
+
+
+def shown_geometry(verts: torch.Tensor, faces: torch.Tensor, intact) -> str | None:
+    """What a decoded surface shows (:func:`verdict_geometry` of :func:`~vlm3d_guidance.toy.judge`
+    against the ``intact`` object it was encoded from)."""
+    return verdict_geometry(judge_surface(verts, faces, intact), intact)
+
+
+@contextmanager
+def recorded_estimates(pipeline):
+    """Record the clean-latent estimate ``x0 = z + (1 - sigma) v`` (``[B, L, C]``, the CFG-combined
+    velocity, as the guided step forms it) at every scheduler step of a stock hy3dgen call.
+
+    Yields the list it fills with ``(sigma, x0)`` in step order.
+    """
+    estimates: list = []
+    original = pipeline.scheduler.step
+    scale = pipeline.scheduler.config.num_train_timesteps
+
+    def step(noise_pred, t, latents, *args, **kwargs):
+        sigma = float(t) / scale
+        estimates.append((sigma, (latents.float() + (1.0 - sigma) * noise_pred.float()).detach().clone()))
+        return original(noise_pred, t, latents, *args, **kwargs)
+
+    pipeline.scheduler.step = step
+    try:
+        yield estimates
+    finally:
+        del pipeline.scheduler.step  # back to the class's method
+
+
+def rollout_samples(pipeline, shapes, guidance, sizes, log, seed: int) -> tuple[list, dict]:
+    """The generator's own sampling runs, rendered where guidance looks at them.
+
+    For each of the first ``sizes["critic_rollouts"]`` intact critic-split objects, the stock
+    hy3dgen ``pipeline`` samples from its reference (:data:`~vlm3d_guidance.toy.config.TOY_SAMPLING`,
+    seed ``seed + i``); the clean-latent estimates at the steps ``sizes["critic_rollout_steps"]`` are
+    rendered as the guided step renders them and labelled by the judge's verdict on the run's
+    EXPORTED mesh (:func:`verdict_geometry`): what the run was heading for, which is what a reward
+    that steers the run has to predict from a blurry early estimate.
+
+    Returns:
+        ``(samples, stats)``: samples as in :func:`make_critic_data`, kind ``"rollout@<sigma>"``;
+        stats counts runs and failed runs per class.
+    """
+    from .config import TOY_SAMPLING
+    from .judge import judge
+    from .references import render_reference
+    from .render_latent import latent_surface, surface_views
+
+    rng = np.random.default_rng(seed)
+    export = TOY_SAMPLING["octree_resolution"]
+    samples: list = []
+    stats: dict = {}
+    start = time.perf_counter()
+    for i, (obj, _) in enumerate(shapes[: sizes["critic_rollouts"]]):
+        with recorded_estimates(pipeline) as estimates:
+            mesh = pipeline(image=render_reference(obj), generator=torch.Generator().manual_seed(seed + i),
+                            enable_pbar=False, **TOY_SAMPLING)[0]
+        geometry = verdict_geometry(judge(mesh, SimpleNamespace(object=obj)), obj)
+        runs = stats.setdefault(obj.cls, dict(runs=0, failed=0))
+        runs["runs"] += 1
+        runs["failed"] += geometry != obj.cls
+        for k in sizes["critic_rollout_steps"]:
+            sigma, x0 = estimates[k]
+            surface = latent_surface(pipeline.vae, x0, guidance, export)
+            if surface is None:
+                continue
+            u8 = surface_views(*surface, guidance).mul(255).round().to(torch.uint8)
+            for desc, label in _label_description(obj.cls, geometry, rng):
+                samples.append((u8, desc, label, f"rollout@{sigma:.2f}"))
+        if i % 20 == 0:
+            log(f"critic data: rollout {i}/{sizes['critic_rollouts']}, {len(samples)} samples, {stats} "
+                f"({time.perf_counter() - start:.0f} s)")
+    return samples, stats
 
 
 def make_critic_data(shapes, latents, dit, conditioner, vae, refs, guidance, sizes, log) -> dict:
@@ -160,7 +235,8 @@ def train_critic(data, sizes, log, folder: Path):
         acc = critic_accuracy(critic, data, sorted(held))
         log(f"critic epoch {epoch}: loss {np.mean(running):.4f}, held-out balanced accuracy {acc['balanced']:.3f} "
             f"{acc['per_description']}, accuracy {acc['all']:.3f} "
-            f"(final {acc['final']:.3f}, estimates {acc['estimate']:.3f}; majority answer {acc['majority_baseline']:.3f}) "
+            f"(final {acc['final']:.3f}, estimates {acc['estimate']:.3f}, rollouts {acc['rollout']:.3f}; "
+            f"majority answer {acc['majority_baseline']:.3f}) "
             f"({time.perf_counter() - start:.0f} s)")
     model.requires_grad_(False)
     model.eval()
@@ -189,13 +265,13 @@ def label_balance_weights(data, max_weight: float = 3.0) -> list:
 
 @torch.no_grad()
 def critic_accuracy(critic, data, indices) -> dict:
-    hits = {"all": [], "final": [], "estimate": []}
+    hits = {"all": [], "final": [], "estimate": [], "rollout": []}
     for i in indices:
         images, desc, label, kind = data[i]
         r = float(critic.reward(images.float() / 255, desc))
         ok = (r > 0) == (label > 0.5)
         hits["all"].append(ok)
-        hits["final" if kind == "final" else "estimate"].append(ok)
+        hits[kind.split("@")[0]].append(ok)
     out = {k: float(np.mean(v)) if v else math.nan for k, v in hits.items()}
     by_group: dict = {}
     for i, ok in zip(indices, hits["all"]):
