@@ -5,6 +5,7 @@
     python benchmarks/bench_toy.py language  # hidden-handle mugs: does the output follow the prompt?
     python benchmarks/bench_toy.py sampler   # unguided under other CFG scales / step counts
     python benchmarks/bench_toy.py controls  # is the update able to repair, is the critic's gradient informative?
+    python benchmarks/bench_toy.py gradients # cosine between the critic's and the truth's latent gradients
     python benchmarks/bench_toy.py summary   # tables (markdown) + knob plot from the saved parts
     python benchmarks/bench_toy.py --quick   # CI smoke run (2 references, a temporary results folder)
 
@@ -181,6 +182,37 @@ def part_controls(args):
         _save("controls" if not args.only else f"controls_{args.only[0].replace(' ', '_').replace(',', '')}", out)
 
 
+GRADIENT_STEPS = (2, 7, 12, 17, 22)  # of the toy's 25 sampling steps
+
+
+def part_gradients(args):
+    """Cosine between the critic's gradient and the truth-view reward's at the unguided sampler's
+    clean estimates (knob references, steps :data:`GRADIENT_STEPS`). 0 = no information; the
+    spread of a random direction's cosine in this dimension is about 1 / sqrt(L * C)."""
+    from vlm3d_guidance import toy
+    from vlm3d_guidance.toy.experiment import gradient_agreement
+
+    pipe = toy.load_pipeline()
+    refs = toy.references("test", count=args.knob_count, seed=0)
+    rows = gradient_agreement(pipe, refs, GRADIENT_STEPS)
+    _save("gradients", dict(steps=list(GRADIENT_STEPS), rows=rows))
+
+
+def gradient_table(rows) -> list:
+    """Markdown lines: per step, the cosines' mean, spread, mean magnitude and share > 0."""
+    import numpy as np
+
+    lines = ["| step (sigma) | mean cosine critic vs truth | sd | mean abs | share > 0 | n |",
+             "|---|--:|--:|--:|--:|--:|"]
+    for step in sorted({r["step"] for r in rows}):
+        cs = np.array([r["cosine"] for r in rows if r["step"] == step and r["cosine"] is not None])
+        sigma = next(r["sigma"] for r in rows if r["step"] == step)
+        if cs.size:
+            lines.append(f"| {step} ({sigma:.2f}) | {cs.mean():+.3f} | {cs.std():.3f} | {np.abs(cs).mean():.3f} | "
+                         f"{(cs > 0).mean():.2f} | {cs.size} |")
+    return lines
+
+
 def critic_auc_by_class(rows) -> str:
     """``"table 0.40 (1 ok / 15 failed), ..."``: per class, the probability that a judge-ok export's
     critic reward exceeds a judge-failed one's (ties count half); "n/a" where a side is empty."""
@@ -231,6 +263,10 @@ def part_summary(args):
             found.update(json.loads(f.read_text()))
         lines += ["### Controls (same references and seeds as the knob study)", "",
                   markdown_table({n: found[n]["summary"] for n in CONTROLS if n in found}), ""]
+    grads = RESULTS / "gradients.json"
+    if grads.exists():
+        lines += ["### Gradient agreement (critic vs truth-view reward, unguided estimates)", "",
+                  *gradient_table(json.loads(grads.read_text())["rows"]), ""]
     sampler = RESULTS / "sampler.json"
     if sampler.exists():
         rows = json.loads(sampler.read_text())
@@ -276,7 +312,8 @@ def _plot(merged):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "sampler", "controls", "summary"),
+    parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "sampler", "controls", "gradients",
+                                                    "summary"),
                         help="which part (default with --quick: main)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: main on 2 references, results in a "
                         "temporary folder (benchmarks/toy_results is left alone)")
@@ -292,10 +329,10 @@ def main(argv=None):
         RESULTS = Path(tempfile.mkdtemp(prefix="bench_toy_quick_"))
         args.part, args.count = args.part or "main", 2
     elif args.part is None:
-        parser.error("give a part: main, knobs, language, sampler, controls or summary (or --quick)")
+        parser.error("give a part: main, knobs, language, sampler, controls, gradients or summary (or --quick)")
     torch.set_num_threads(1)
     {"main": part_main, "knobs": part_knobs, "language": part_language, "sampler": part_sampler,
-     "controls": part_controls, "summary": part_summary}[args.part](args)
+     "controls": part_controls, "gradients": part_gradients, "summary": part_summary}[args.part](args)
     return 0
 
 

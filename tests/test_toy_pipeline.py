@@ -133,3 +133,20 @@ def test_cli_toy_run_and_toy_eval(tmp_path, capsys):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert set(report["summaries"]) == {"unguided", "guided"} and report["summaries"]["guided"]["count"] == 1
     assert {p.name for p in (tmp_path / "eval").iterdir()} >= {"report.json", "report.md", "report.png"}
+
+
+def test_gradient_agreement_is_one_for_the_truth_itself_and_minus_one_negated(pipe):
+    """The gradients diagnostic's plumbing: the truth-view reward against itself has cosine 1, its
+    negation -1, at every recorded step (same estimate, same cameras, a gradient to compare)."""
+    from dataclasses import replace
+
+    from vlm3d_guidance.toy.experiment import NegatedCritic, ReferenceViewReward, gradient_agreement
+
+    refs = toy.references("test", count=1)
+    sampling = dict(toy.TOY_SAMPLING, num_inference_steps=4)
+    truth = lambda ref: ReferenceViewReward.for_reference(ref, replace(pipe.config, fill=None))  # noqa: E731
+    same = gradient_agreement(pipe, refs, (1, 3), sampling=sampling, critic_for=truth)
+    negated = gradient_agreement(pipe, refs, (1, 3), sampling=sampling, critic_for=lambda r: NegatedCritic(truth(r)))
+    assert [r["step"] for r in same] == [1, 3] and same[0]["sigma"] < same[1]["sigma"]
+    assert [r["cosine"] for r in same] == pytest.approx([1.0, 1.0], abs=1e-6)
+    assert [r["cosine"] for r in negated] == pytest.approx([-1.0, -1.0], abs=1e-6)

@@ -235,3 +235,55 @@ class NegatedCritic:
 
     def reward(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         return -self.critic.reward(images, prompt)
+
+
+def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = None, critic_for=None) -> list:
+    """Does the critic's gradient point where the truth's does? Cosines between latent gradients.
+
+    For each reference, the unguided sampler runs (seed ``i``) and its clean-latent estimate
+    ``x0 [1, L, C]`` is taken at each of ``steps``; there the gradient w.r.t. ``x0`` of the
+    critic's reward and of :class:`ReferenceViewReward` (which knows the intact object's views) are
+    computed through the guided step's own stages with the same fixed cameras (``fill=None``).
+
+    Args:
+        critic_for: optional ``reference -> reward`` (anything with the critic's ``reward``) to
+            compare instead of ``pipe.critic``.
+
+    Returns:
+        one dict per (reference, step): ``reference``, ``step``, ``sigma``, ``cosine`` (critic vs
+        truth; None where a surface or gradient is missing) and ``reward`` (the critic's).
+    """
+    from dataclasses import replace
+
+    from ..guidance.step import reward_and_gradient
+    from ..render import orbit_cameras
+    from .critic_training import recorded_estimates
+
+    sampling = dict(TOY_SAMPLING if sampling is None else sampling)
+    seeds = list(range(len(refs))) if seeds is None else list(seeds)
+    cfg = replace(pipe.config, fill=None)
+    cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01)
+    export = sampling.get("octree_resolution")
+    out = []
+    for ref, seed in zip(refs, seeds):
+        truth = ReferenceViewReward.for_reference(ref, cfg)
+        with recorded_estimates(pipe.pipeline) as estimates:
+            pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
+                          output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
+        for k in steps:
+            sigma, x0 = estimates[k]
+            x0 = x0.clone()  # recorded under hy3dgen's inference mode: a normal tensor, so it can take a gradient
+            grads, reward = [], None
+            for reward_fn in (pipe.critic if critic_for is None else critic_for(ref), truth):
+                result = reward_and_gradient(
+                    x0, pipe.pipeline.vae, reward_fn, ref.prompt, cams, box_v=1.01, mc_level=0.0,
+                    grid_resolution=cfg.grid_resolution, render_size=cfg.render_size, shading=cfg.shading,
+                    backend=cfg.backend, num_chunks=sampling.get("num_chunks", 20000), seconds={},
+                    coarse_to_fine=cfg.coarse_to_fine, fill=None, export_resolution=export)
+                grads.append(result.gradient)
+                reward = result.reward if reward is None else reward
+            cosine = None
+            if all(g is not None for g in grads):
+                cosine = float(torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0))
+            out.append(dict(reference=ref.name, step=k, sigma=sigma, cosine=cosine, reward=reward))
+    return out
