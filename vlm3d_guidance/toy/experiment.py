@@ -138,7 +138,8 @@ def record_uphill(pipe):
     """Record, at every guided step, the reward at the clean estimate before and after the update.
 
     For each guided batch item: ``r(x0)`` (what the step measured) and ``r(x0 + u)`` with ``u`` the
-    update the step actually applied (x0 mode: the update moves the clean estimate by exactly ``u``).
+    update the step actually applied (x0 mode: the update moves the clean estimate by exactly ``u``),
+    seen as the step sees it (cameras fitted to each mesh when ``fill`` is set, the export's placement).
     A diagnostic: it costs one extra reward evaluation per guided step. Yields the list it fills
     with ``(step, r_before, r_after)``.
     """
@@ -161,7 +162,8 @@ def record_uphill(pipe):
                 box_v=kw["box_v"], mc_level=kw["mc_level"], grid_resolution=cfg.grid_resolution,
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
                 num_chunks=kw["num_chunks"], seconds={}, want_gradient=False,
-                coarse_to_fine=cfg.coarse_to_fine).reward
+                coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill,
+                export_resolution=kw.get("export_resolution")).reward
             if after is not None:
                 steps.append((record.step, before, after))
         return update
@@ -241,9 +243,11 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
     """Does the critic's gradient point where the truth's does? Cosines between latent gradients.
 
     For each reference, the unguided sampler runs (seed ``i``) and its clean-latent estimate
-    ``x0 [1, L, C]`` is taken at each of ``steps``; there the gradient w.r.t. ``x0`` of the
-    critic's reward and of :class:`ReferenceViewReward` (which knows the intact object's views) are
-    computed through the guided step's own stages with the same fixed cameras (``fill=None``).
+    ``x0 [1, L, C]`` is taken at each of ``steps``. There the critic's reward and its gradient
+    w.r.t. ``x0`` are computed exactly as the guided step computes them (``pipe.config``: cameras
+    fitted to this estimate's mesh when ``fill`` is set); then the gradient of
+    :class:`ReferenceViewReward` (which knows the intact object) through the same stages and the
+    SAME cameras, its truth views rendered with them.
 
     Args:
         critic_for: optional ``reference -> reward`` (anything with the critic's ``reward``) to
@@ -253,37 +257,38 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
         one dict per (reference, step): ``reference``, ``step``, ``sigma``, ``cosine`` (critic vs
         truth; None where a surface or gradient is missing) and ``reward`` (the critic's).
     """
-    from dataclasses import replace
-
     from ..guidance.step import reward_and_gradient
-    from ..render import orbit_cameras
+    from ..render import orbit_cameras, render_views
     from .critic_training import recorded_estimates
 
     sampling = dict(TOY_SAMPLING if sampling is None else sampling)
     seeds = list(range(len(refs))) if seeds is None else list(seeds)
-    cfg = replace(pipe.config, fill=None)
+    cfg = pipe.config
     cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01)
-    export = sampling.get("octree_resolution")
+    common = dict(box_v=1.01, mc_level=0.0, grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
+                  shading=cfg.shading, backend=cfg.backend, num_chunks=sampling.get("num_chunks", 20000),
+                  seconds={}, coarse_to_fine=cfg.coarse_to_fine, export_resolution=sampling.get("octree_resolution"))
     out = []
     for ref, seed in zip(refs, seeds):
-        truth = ReferenceViewReward.for_reference(ref, cfg)
+        verts = torch.as_tensor(np.asarray(ref.mesh.vertices), dtype=torch.float32)
+        faces = torch.as_tensor(np.asarray(ref.mesh.faces), dtype=torch.long)
+        critic = pipe.critic if critic_for is None else critic_for(ref)
         with recorded_estimates(pipe.pipeline) as estimates:
             pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
                           output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
         for k in steps:
             sigma, x0 = estimates[k]
             x0 = x0.clone()  # recorded under hy3dgen's inference mode: a normal tensor, so it can take a gradient
-            grads, reward = [], None
-            for reward_fn in (pipe.critic if critic_for is None else critic_for(ref), truth):
-                result = reward_and_gradient(
-                    x0, pipe.pipeline.vae, reward_fn, ref.prompt, cams, box_v=1.01, mc_level=0.0,
-                    grid_resolution=cfg.grid_resolution, render_size=cfg.render_size, shading=cfg.shading,
-                    backend=cfg.backend, num_chunks=sampling.get("num_chunks", 20000), seconds={},
-                    coarse_to_fine=cfg.coarse_to_fine, fill=None, export_resolution=export)
-                grads.append(result.gradient)
-                reward = result.reward if reward is None else reward
+            judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
             cosine = None
-            if all(g is not None for g in grads):
-                cosine = float(torch.nn.functional.cosine_similarity(grads[0].flatten(), grads[1].flatten(), dim=0))
-            out.append(dict(reference=ref.name, step=k, sigma=sigma, cosine=cosine, reward=reward))
+            if judged.gradient is not None:
+                with torch.no_grad():
+                    truth_views = render_views(verts, faces, judged.cameras, size=cfg.render_size, shading=cfg.shading,
+                                               backend=cfg.backend).clamp(0, 1)
+                truth = reward_and_gradient(x0, pipe.pipeline.vae, ReferenceViewReward(truth_views), ref.prompt,
+                                            judged.cameras, fill=None, **common)
+                if truth.gradient is not None:
+                    cosine = float(torch.nn.functional.cosine_similarity(
+                        judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
+            out.append(dict(reference=ref.name, step=k, sigma=sigma, cosine=cosine, reward=judged.reward))
     return out
