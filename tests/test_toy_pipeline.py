@@ -72,7 +72,7 @@ def test_generator_is_hy3dgens_own_pipeline_and_lam0_is_its_stock_call(pipe):
 # tables, so guidance has nothing to steer by where the failures are. The test below states what the
 # toy world must show; it is a strict xfail, so a toy world that meets it fails CI until it is turned
 # back into a plain test.
-MISSED = pytest.mark.xfail(strict=True, reason="toy world v3 misses its guidance target (see RESULTS.md, toy world v3)")
+MISSED = pytest.mark.xfail(strict=True, reason="toy world v3.1 misses its guidance target (see RESULTS.md, toy world v3.1)")
 
 
 def test_the_critic_tells_intact_from_broken_on_exported_meshes(pipe):

@@ -74,7 +74,7 @@ ROLLOUT_SEED = 100_000  # the critic-data rollouts sample with seeds ROLLOUT_SEE
 SIZES = dict(gen_objects=2400, critic_objects=320, ae_objects=800, ae_steps=3000, ae_batch=16, ae_points=2048,
              ae_pool=8192, ae_check_every=1000, ae_check_objects=16,
              cond_steps=2000, cond_batch=64, cond_lr=1e-3, cond_check_objects=64,
-             dit_steps=1800, dit_batch=32, critic_epochs=5, critic_lr=3e-4, critic_estimates=2,
+             dit_steps=1800, dit_batch=32, critic_epochs=10, critic_lr=3e-4, critic_estimates=2,
              critic_max_weight=3.0, critic_rollouts=0, critic_rollout_steps=[2, 7, 12, 17, 22])
 QUICK = dict(gen_objects=16, critic_objects=8, ae_objects=8, ae_steps=6, ae_batch=4, ae_points=256, ae_pool=512,
              ae_check_every=6, ae_check_objects=2,
