@@ -5,8 +5,8 @@ The samples are rendered exactly as the guided step renders (the toy guidance gr
 cameras fitted to the mesh, ``render_views`` at the toy size) and labelled by what the rendered
 surface shows; the critic is transformers' ``Qwen2_5_VLForConditionalGeneration`` trained with a
 logistic loss on :class:`~vlm3d_guidance.critic.VLMCritic`'s own reward ``r = z_yes - z_no``.
-A sample is ``(images uint8 [N, 3, H, W], description, label 0/1, kind)``; ``kind`` is "final" or
-"estimate@<sigma>".
+A sample is ``(images uint8 [N, 3, H, W], description, label 0/1, kind)``; ``kind`` is "final",
+"estimate@<sigma>" or "rollout@<sigma>".
 """
 
 from __future__ import annotations
