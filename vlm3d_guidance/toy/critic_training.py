@@ -24,9 +24,6 @@ from . import models
 from .judge import judge_surface
 from .world import CLASSES, DESCRIPTIONS
 
-SEED = 0  # the training script's base seed (toy.train.SEED)
-
-
 def _label_description(obj_cls: str, geometry_class: str | None, rng: np.random.Generator) -> list:
     """``[(description, label)]`` for one rendered shape: its own class's description, and one other."""
     own = DESCRIPTIONS[obj_cls]
@@ -125,13 +122,14 @@ def rollout_samples(pipeline, shapes, guidance, sizes, log, seed: int) -> tuple[
     return samples, stats
 
 
-def make_critic_data(shapes, latents, dit, conditioner, vae, refs, guidance, sizes, log) -> dict:
+def make_critic_data(shapes, latents, dit, conditioner, vae, refs, guidance, sizes, log, seed: int) -> dict:
     """Stage 6: the critic's samples, rendered as the guided step renders.
 
     Args:
         shapes: ``[(intact, broken or None)]`` critic-split objects; ``latents``: their latents
             (``intact``, ``broken`` ``[N, L, C]``, unscaled); ``refs``: their conditioner inputs
             (``image``, ``mask``, as :func:`~vlm3d_guidance.toy.train.prepare_references` makes).
+        seed: seeds the labels' description draws and the estimates' noise and sigmas.
 
     Labels follow what the rendered surface SHOWS, not what it was encoded from: each final
     latent's surface (the mesh the views are made of) is judged against its intact object
@@ -147,8 +145,8 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, refs, guidance, siz
     from .config import TOY_SAMPLING
     from .render_latent import latent_surface, surface_views
 
-    rng = np.random.default_rng(SEED + 3)
-    gen = torch.Generator().manual_seed(SEED + 3)
+    rng = np.random.default_rng(seed)
+    gen = torch.Generator().manual_seed(seed)
     scale = vae.scale_factor
     export = TOY_SAMPLING["octree_resolution"]
     data = []
@@ -195,16 +193,17 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, refs, guidance, siz
     return dict(samples=data, stats=stats)
 
 
-def train_critic(data, sizes, log, folder: Path):
-    """Stage 7: the toy critic (saved to ``folder``) trained on its reward's logistic loss."""
+def train_critic(data, sizes, log, folder: Path, seed: int):
+    """Stage 7: the toy critic (saved to ``folder``) trained on its reward's logistic loss; ``seed``
+    initialises the model, ``seed + 1`` draws the held-out split and the sample order."""
     from ..critic import VLMCritic
 
-    model = models.new_critic_model(seed=SEED + 4)
+    model = models.new_critic_model(seed=seed)
     models.write_critic_files(folder)
     critic = VLMCritic(model, models.critic_processor(folder))
     model.requires_grad_(True)
     model.train()  # Qwen2.5-VL has no dropout: train mode changes nothing but the flag
-    rng = np.random.default_rng(SEED + 5)
+    rng = np.random.default_rng(seed + 1)
     order = rng.permutation(len(data))
     held = set(order[: max(1, len(data) // 10)].tolist())
     train_idx = [i for i in order if i not in held]

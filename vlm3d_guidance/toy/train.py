@@ -335,6 +335,7 @@ def main(argv=None) -> int:
     conditioner, cond_checks = run("conditioner", _conditioner)
     dit = run("generator", lambda: train_generator(
         latents["generator"], condition_tokens(conditioner, refs["generator"]), scale, sizes, log))
+
     def _critic_data():
         # the first cond_check_objects critic-split references were prepared by the references stage
         done = refs["check"]["image"].shape[0]
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
         crit_refs = {k: refs["check"][k][: len(crit_shapes)] if rest is None else torch.cat([refs["check"][k], rest[k]])
                      for k in ("image", "mask")}
         data = make_critic_data(crit_shapes, latents["critic"], dit, conditioner, vae, crit_refs, TOY_GUIDANCE,
-                                sizes, log)
+                                sizes, log, seed=SEED + 3)
         if sizes["critic_rollouts"]:
             # the generator as it ships (fp16 weights, hy3dgen's own loader and sampler)
             staged = work / "rollout_generator"
@@ -359,7 +360,7 @@ def main(argv=None) -> int:
     critic_data = run("critic_data", _critic_data)
     data = critic_data["samples"]
     critic_tmp = work / "critic"
-    critic_model, accuracy = run("critic", lambda: train_critic(data, sizes, log, critic_tmp))
+    critic_model, accuracy = run("critic", lambda: train_critic(data, sizes, log, critic_tmp, seed=SEED + 4))
 
     def _export():
         staging = out.with_name(out.name + ".partial")
