@@ -174,8 +174,8 @@ def part_controls(args):
         cfg = replace(pipe.config, **overrides)
         rows, report = [], _progress(name)
         for i, ref in enumerate(refs):
-            critic = {"truth": lambda: ReferenceViewReward.for_reference(ref, cfg),
-                      "negated": lambda: NegatedCritic(pipe.critic), "critic": lambda: None}[kind]()
+            critic = (ReferenceViewReward.for_reference(ref, cfg) if kind == "truth"
+                      else NegatedCritic(pipe.critic) if kind == "negated" else None)
             rows += run_condition(pipe, [ref], name, overrides, critic=critic, seeds=[i])
             report(i + 1, len(refs), rows[-1])
         out[name] = dict(summary=summarize(rows), rows=[r.to_dict() for r in rows])

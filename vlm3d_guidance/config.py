@@ -165,6 +165,14 @@ class GuidanceConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def cameras(self, box_v: float = 1.01, device="cpu"):
+        """The critic's orbit cameras before any fitting: ``num_views`` views at ``elevation`` and
+        ``fov``, framing the box ``[-box_v, box_v]^3`` (:func:`~vlm3d_guidance.render.orbit_cameras`)."""
+        from .render import orbit_cameras
+
+        return orbit_cameras(num_views=self.num_views, elevation=self.elevation, fov=self.fov, device=device,
+                             bounds=box_v)
+
     def lam_at(self, step: int, num_steps: int) -> float:
         """Lambda at sampling step ``step`` of ``num_steps`` (0 outside the window or between ``every``)."""
         if self.lam == 0 or num_steps < 2:

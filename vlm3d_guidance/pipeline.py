@@ -212,12 +212,7 @@ class GuidedHunyuanPipeline:
 
         # the stock marching cubes places the exported surface by R/(R+1); the critic sees it there too
         export_resolution = int(octree_resolution) if mc_algo in (None, "mc") else None
-        cameras = None
-        if cfg.lam > 0:
-            from .render import orbit_cameras
-
-            cameras = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov,
-                                    device=device, bounds=box_v)
+        cameras = cfg.cameras(box_v, device) if cfg.lam > 0 else None
 
         # one surface track per batch item: decode around the previous step's surface
         tracks = None
@@ -396,13 +391,11 @@ class GuidedHunyuanPipeline:
         """The critic's reward of finished meshes (``trimesh.Trimesh`` or None each): one float or
         None per mesh, through the critic's cameras fitted to each mesh (``config.fill``)."""
         from .guidance.step import reward_of_mesh
-        from .render import orbit_cameras
 
         cfg = config or self.config
         prompts = [prompt] * len(meshes) if isinstance(prompt, str) else list(prompt)
         device = self.critic.device if self.critic.device.type != "cpu" else self.pipeline.device
-        cameras = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov,
-                                device=device, bounds=box_v)
+        cameras = cfg.cameras(box_v, device)
         out = []
         for mesh, p in zip(meshes, prompts):
             if mesh is None or len(getattr(mesh, "faces", ())) == 0:
@@ -417,12 +410,9 @@ class GuidedHunyuanPipeline:
     def reward_of_latents(self, latents: torch.Tensor, prompt, *, box_v: float = 1.01, mc_level: float = 0.0,
                           config: GuidanceConfig | None = None, num_chunks: int = 8000) -> list:
         """The critic's reward of final (or clean) latents ``[B, L, C]``: one float or None per item."""
-        from .render import orbit_cameras
-
         cfg = config or self.config
         prompts = [prompt] * latents.shape[0] if isinstance(prompt, str) else list(prompt)
-        cameras = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov,
-                                device=latents.device, bounds=box_v)
+        cameras = cfg.cameras(box_v, latents.device)
         rewards = []
         for b in range(latents.shape[0]):
             result = reward_and_gradient(

@@ -202,19 +202,24 @@ class ReferenceViewReward:
         self.truth_views = truth_views  # [N, 3, S, S] in [0, 1]
 
     @classmethod
-    def for_reference(cls, reference, cfg, box_v: float = 1.01) -> "ReferenceViewReward":
-        """The truth's views of ``reference.mesh`` with the cameras the guided step uses when
-        ``cfg.fill`` is None (``cfg`` a :class:`~vlm3d_guidance.GuidanceConfig`)."""
-        from ..render import orbit_cameras, render_views
+    def seen_by(cls, reference, cameras, cfg) -> "ReferenceViewReward":
+        """The reward whose truth views are ``reference.mesh`` rendered through ``cameras`` as the
+        guided step renders (``cfg.render_size``, ``cfg.shading``, ``cfg.backend``)."""
+        from ..render import render_views
 
-        if cfg.fill is not None:
-            raise ValueError("ReferenceViewReward needs fixed cameras: use it with fill=None")
-        cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=box_v)
         verts = torch.as_tensor(np.asarray(reference.mesh.vertices), dtype=torch.float32)
         faces = torch.as_tensor(np.asarray(reference.mesh.faces), dtype=torch.long)
         with torch.no_grad():
-            views = render_views(verts, faces, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
+            views = render_views(verts, faces, cameras, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
         return cls(views.clamp(0, 1))
+
+    @classmethod
+    def for_reference(cls, reference, cfg, box_v: float = 1.01) -> "ReferenceViewReward":
+        """The truth's views of ``reference.mesh`` with the cameras the guided step uses when
+        ``cfg.fill`` is None (``cfg`` a :class:`~vlm3d_guidance.GuidanceConfig`)."""
+        if cfg.fill is not None:
+            raise ValueError("ReferenceViewReward needs fixed cameras: use it with fill=None")
+        return cls.seen_by(reference, cfg.cameras(box_v), cfg)
 
     def check_prompt(self, *args, **kwargs) -> None:
         return None
@@ -258,20 +263,17 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
         truth; None where a surface or gradient is missing) and ``reward`` (the critic's).
     """
     from ..guidance.step import reward_and_gradient
-    from ..render import orbit_cameras, render_views
     from .critic_training import recorded_estimates
 
     sampling = dict(TOY_SAMPLING if sampling is None else sampling)
     seeds = list(range(len(refs))) if seeds is None else list(seeds)
     cfg = pipe.config
-    cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01)
+    cams = cfg.cameras()
     common = dict(box_v=1.01, mc_level=0.0, grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
                   shading=cfg.shading, backend=cfg.backend, num_chunks=sampling.get("num_chunks", 20000),
                   seconds={}, coarse_to_fine=cfg.coarse_to_fine, export_resolution=sampling.get("octree_resolution"))
     out = []
     for ref, seed in zip(refs, seeds):
-        verts = torch.as_tensor(np.asarray(ref.mesh.vertices), dtype=torch.float32)
-        faces = torch.as_tensor(np.asarray(ref.mesh.faces), dtype=torch.long)
         critic = pipe.critic if critic_for is None else critic_for(ref)
         with recorded_estimates(pipe.pipeline) as estimates:
             pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
@@ -282,11 +284,8 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
             judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
             cosine = None
             if judged.gradient is not None:
-                with torch.no_grad():
-                    truth_views = render_views(verts, faces, judged.cameras, size=cfg.render_size, shading=cfg.shading,
-                                               backend=cfg.backend).clamp(0, 1)
-                truth = reward_and_gradient(x0, pipe.pipeline.vae, ReferenceViewReward(truth_views), ref.prompt,
-                                            judged.cameras, fill=None, **common)
+                knows = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+                truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None, **common)
                 if truth.gradient is not None:
                     cosine = float(torch.nn.functional.cosine_similarity(
                         judged.gradient.flatten(), truth.gradient.flatten(), dim=0))

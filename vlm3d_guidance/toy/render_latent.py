@@ -7,7 +7,7 @@ import torch
 from ..config import GuidanceConfig
 from ..geometry import decode_surface
 from ..geometry.grid import as_stock_export
-from ..render import orbit_cameras, render_views
+from ..render import render_views
 from ..render.cameras import fit_to_points
 
 
@@ -33,8 +33,7 @@ def latent_surface(vae, latent: torch.Tensor, cfg: GuidanceConfig, export_resolu
 def surface_views(verts: torch.Tensor, faces: torch.Tensor, cfg: GuidanceConfig, box_v: float = 1.01):
     """``[N, 3, S, S]`` clay views in [0, 1] of a placed surface: the config's orbit cameras fitted
     to it (``cfg.fill``), ``render_views`` at ``cfg.render_size``."""
-    cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, device=verts.device,
-                         bounds=box_v)
+    cams = cfg.cameras(box_v, verts.device)
     if cfg.fill is not None:
         cams = fit_to_points(cams, verts, cfg.fill)
     return render_views(verts, faces, cams, size=cfg.render_size, shading=cfg.shading,
