@@ -9,8 +9,9 @@
     python benchmarks/bench_toy.py summary   # tables (markdown) + knob plot from the saved parts
     python benchmarks/bench_toy.py --quick   # CI smoke run (2 references, a temporary results folder)
 
-Each part writes ``benchmarks/toy_results/<part>.json`` (rows and summaries), so the parts can run
-in separate processes; ``summary`` prints the markdown that goes into RESULTS.md and writes
+Each part writes ``benchmarks/toy_results/<part>.json`` (rows and summaries; ``--results DIR``
+elsewhere, ``--weights DIR`` measures a candidate toy instead of the shipped one), so the parts
+can run in separate processes; ``summary`` prints the markdown that goes into RESULTS.md and writes
 ``benchmarks/toy_results/knobs.png``. One torch thread per process.
 """
 
@@ -77,7 +78,7 @@ def _run(pipe, refs, name, overrides, uphill=False):
 def _save(part, payload):
     from vlm3d_guidance.outputs import atomic_write_json
 
-    RESULTS.mkdir(exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     atomic_write_json(RESULTS / f"{part}.json", payload)
 
 
@@ -86,7 +87,7 @@ def part_main(args):
     from vlm3d_guidance.toy.experiment import summarize, uphill_summary
     from vlm3d_guidance.toy.report import write_report
 
-    pipe = toy.load_pipeline()
+    pipe = toy.load_pipeline(weights=args.weights)
     refs = toy.references("test", count=args.count, seed=0)
     unguided, _ = _run(pipe, refs, "unguided", dict(lam=0.0))
     guided, steps = _run(pipe, refs, "guided", {}, uphill=True)
@@ -101,7 +102,7 @@ def part_knobs(args):
     from vlm3d_guidance import toy
     from vlm3d_guidance.toy.experiment import summarize
 
-    pipe = toy.load_pipeline()
+    pipe = toy.load_pipeline(weights=args.weights)
     refs = toy.references("test", count=args.knob_count, seed=0)
     out = {}
     names = [n for n in KNOBS if not args.only or any(o in n for o in args.only)]
@@ -115,7 +116,7 @@ def part_language(args):
     from vlm3d_guidance import toy
     from vlm3d_guidance.toy.experiment import handle_present, run_condition
 
-    pipe = toy.load_pipeline()
+    pipe = toy.load_pipeline(weights=args.weights)
     refs = toy.hidden_handle_references(count=args.language_count)
     out = {}
     for prompt, wants_handle in (("a mug with a handle", True), ("a cup without a handle", False)):
@@ -134,7 +135,7 @@ def part_sampler(args):
     from vlm3d_guidance import toy
     from vlm3d_guidance.toy.experiment import run_condition, summarize
 
-    pipe = toy.load_pipeline()
+    pipe = toy.load_pipeline(weights=args.weights)
     refs = toy.references("test", count=args.knob_count, seed=0)
     out = {}
     for name, change in (("guidance_scale=1", dict(guidance_scale=1.0)), ("guidance_scale=2", dict(guidance_scale=2.0)),
@@ -148,11 +149,13 @@ def part_sampler(args):
 
 # the controls: name -> (reward, guidance overrides). "truth views" is ReferenceViewReward (it knows
 # the intact object: an upper bound for the update, not a critic); "critic" is the shipped critic.
+# lam 0.05 where a row names none: the toy default when these were measured (v3.1); pinned so the
+# rows stay what they were when the default moved to 0.02
 CONTROLS = {
-    "truth-view reward, fixed cameras": ("truth", dict(fill=None)),
+    "truth-view reward, fixed cameras": ("truth", dict(fill=None, lam=0.05)),
     "truth-view reward, fixed cameras, lam=0.2": ("truth", dict(fill=None, lam=0.2)),
-    "critic, fixed cameras": ("critic", dict(fill=None)),
-    "critic negated": ("negated", {}),
+    "critic, fixed cameras": ("critic", dict(fill=None, lam=0.05)),
+    "critic negated": ("negated", dict(lam=0.05)),
 }
 
 
@@ -165,7 +168,7 @@ def part_controls(args):
     from vlm3d_guidance import toy
     from vlm3d_guidance.toy.experiment import NegatedCritic, ReferenceViewReward, run_condition, summarize
 
-    pipe = toy.load_pipeline()
+    pipe = toy.load_pipeline(weights=args.weights)
     refs = toy.references("test", count=args.knob_count, seed=0)
     out = {}
     names = [n for n in CONTROLS if not args.only or any(o in n for o in args.only)]
@@ -192,7 +195,7 @@ def part_gradients(args):
     from vlm3d_guidance import toy
     from vlm3d_guidance.toy.experiment import gradient_agreement
 
-    pipe = toy.load_pipeline()
+    pipe = toy.load_pipeline(weights=args.weights)
     refs = toy.references("test", count=args.knob_count, seed=0)
     rows = gradient_agreement(pipe, refs, GRADIENT_STEPS)
     _save("gradients", dict(steps=list(GRADIENT_STEPS), rows=rows))
@@ -311,6 +314,7 @@ def _plot(merged):
 
 
 def main(argv=None):
+    global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "sampler", "controls", "gradients",
                                                     "summary"),
@@ -321,9 +325,13 @@ def main(argv=None):
     parser.add_argument("--knob-count", type=int, default=16)
     parser.add_argument("--language-count", type=int, default=8)
     parser.add_argument("--only", nargs="*", help="knobs, controls: run only the conditions whose names contain these")
+    parser.add_argument("--weights", default=None, help="a toy weights folder to measure instead of the shipped one "
+                        "(a candidate from python -m vlm3d_guidance.toy.train --out)")
+    parser.add_argument("--results", default=None, help=f"folder for the parts' results (default {RESULTS})")
     args = parser.parse_args(argv)
+    if args.results:
+        RESULTS = Path(args.results)
     if args.quick:
-        global RESULTS
         import tempfile
 
         RESULTS = Path(tempfile.mkdtemp(prefix="bench_toy_quick_"))
