@@ -6,6 +6,7 @@
     python benchmarks/bench_toy.py sampler   # unguided under other CFG scales / step counts
     python benchmarks/bench_toy.py controls  # is the update able to repair, is the critic's gradient informative?
     python benchmarks/bench_toy.py gradients # cosine between the critic's and the truth's latent gradients
+    python benchmarks/bench_toy.py noise     # float noise floor: the knob rows again with 2 threads
     python benchmarks/bench_toy.py summary   # tables (markdown) + knob plot from the saved parts
     python benchmarks/bench_toy.py --quick   # CI smoke run (2 references, a temporary results folder)
 
@@ -127,6 +128,44 @@ def part_language(args):
             out[f"{name} / {prompt}"] = dict(follows=sum(follows), count=len(rows),
                                              rows=[r.to_dict() for r in rows])
     _save("language", out)
+
+
+def part_noise(args):
+    """The float noise floor of a comparison: the knob references sampled again with 2 torch threads
+    instead of 1 (the same model, seeds and settings; only the order of floating-point sums
+    differs), unguided and guided at lam 0.02 and 0.05, compared run by run with the knob study's
+    1-thread rows (``knobs_lam.json``, which must exist)."""
+    from vlm3d_guidance import toy
+    from vlm3d_guidance.toy.experiment import summarize
+
+    one_thread = json.loads((RESULTS / "knobs_lam.json").read_text())
+    torch.set_num_threads(2)
+    pipe = toy.load_pipeline(weights=args.weights)
+    refs = toy.references("test", count=args.knob_count, seed=0)
+    out = {}
+    for name in ("lam=0 (unguided)", "lam=0.02", "lam=0.05"):
+        rows, _ = _run(pipe, refs, f"{name}, 2 threads", KNOBS[name])
+        base = one_thread[name]["rows"]
+        if [b["reference"] for b in base] != [r.reference for r in rows]:
+            raise SystemExit(f"knobs_lam.json's {name} rows are for other references; rerun knobs --only lam")
+        change = [abs(r.iou - b["iou"]) for r, b in zip(rows, base)]
+        out[name] = dict(summary=summarize(rows), one_thread=one_thread[name]["summary"],
+                         verdict_flips=sum(r.failed != b["failed"] for r, b in zip(rows, base)),
+                         mean_abs_iou_change=sum(change) / len(change), max_abs_iou_change=max(change),
+                         rows=[r.to_dict() for r in rows])
+        _save("noise", out)
+
+
+def noise_table(noise: dict) -> list:
+    """Markdown lines: per condition, 1 vs 2 threads."""
+    lines = ["| condition | failed, 1 thread | failed, 2 threads | verdicts that flip | mean IoU 1 -> 2 threads "
+             "| mean / max abs IoU change per run |", "|---|--:|--:|--:|---|---|"]
+    for name, v in noise.items():
+        n = v["summary"]["count"]
+        lines.append(f"| {name} | {v['one_thread']['failures']}/{n} | {v['summary']['failures']}/{n} | "
+                     f"{v['verdict_flips']} | {v['one_thread']['mean_iou']:.3f} -> {v['summary']['mean_iou']:.3f} | "
+                     f"{v['mean_abs_iou_change']:.3f} / {v['max_abs_iou_change']:.3f} |")
+    return lines
 
 
 def part_sampler(args):
@@ -270,6 +309,10 @@ def part_summary(args):
     if grads.exists():
         lines += ["### Gradient agreement (critic vs truth-view reward, unguided estimates)", "",
                   *gradient_table(json.loads(grads.read_text())["rows"]), ""]
+    noise = RESULTS / "noise.json"
+    if noise.exists():
+        lines += ["### Float noise floor (knob references, 2 torch threads instead of 1)", "",
+                  *noise_table(json.loads(noise.read_text())), ""]
     sampler = RESULTS / "sampler.json"
     if sampler.exists():
         rows = json.loads(sampler.read_text())
@@ -317,7 +360,7 @@ def main(argv=None):
     global RESULTS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("part", nargs="?", choices=("main", "knobs", "language", "sampler", "controls", "gradients",
-                                                    "summary"),
+                                                    "noise", "summary"),
                         help="which part (default with --quick: main)")
     parser.add_argument("--quick", action="store_true", help="CI smoke run: main on 2 references, results in a "
                         "temporary folder (benchmarks/toy_results is left alone)")
@@ -337,10 +380,11 @@ def main(argv=None):
         RESULTS = Path(tempfile.mkdtemp(prefix="bench_toy_quick_"))
         args.part, args.count = args.part or "main", 2
     elif args.part is None:
-        parser.error("give a part: main, knobs, language, sampler, controls, gradients or summary (or --quick)")
+        parser.error("give a part: main, knobs, language, sampler, controls, gradients, noise or summary (or --quick)")
     torch.set_num_threads(1)
     {"main": part_main, "knobs": part_knobs, "language": part_language, "sampler": part_sampler,
-     "controls": part_controls, "gradients": part_gradients, "summary": part_summary}[args.part](args)
+     "controls": part_controls, "gradients": part_gradients, "noise": part_noise,
+     "summary": part_summary}[args.part](args)
     return 0
 
 
