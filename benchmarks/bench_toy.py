@@ -142,12 +142,14 @@ def part_noise(args):
     torch.set_num_threads(2)
     pipe = toy.load_pipeline(weights=args.weights)
     refs = toy.references("test", count=args.knob_count, seed=0)
+    names = ("lam=0 (unguided)", "lam=0.02", "lam=0.05")
+    for name in names:  # before any sampling: the 1-thread rows must be of these references
+        if [b["reference"] for b in one_thread[name]["rows"]] != [r.name for r in refs]:
+            raise SystemExit(f"knobs_lam.json's {name} rows are for other references; rerun knobs --only lam")
     out = {}
-    for name in ("lam=0 (unguided)", "lam=0.02", "lam=0.05"):
+    for name in names:
         rows, _ = _run(pipe, refs, f"{name}, 2 threads", KNOBS[name])
         base = one_thread[name]["rows"]
-        if [b["reference"] for b in base] != [r.reference for r in rows]:
-            raise SystemExit(f"knobs_lam.json's {name} rows are for other references; rerun knobs --only lam")
         change = [abs(r.iou - b["iou"]) for r, b in zip(rows, base)]
         out[name] = dict(summary=summarize(rows), one_thread=one_thread[name]["summary"],
                          verdict_flips=sum(r.failed != b["failed"] for r, b in zip(rows, base)),
