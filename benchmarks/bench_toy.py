@@ -189,7 +189,8 @@ def part_sampler(args):
 
 
 # the controls: name -> (reward, guidance overrides). "truth views" is ReferenceViewReward (it knows
-# the intact object: an upper bound for the update, not a critic); "critic" is the shipped critic.
+# the intact object: an upper bound for the update, not a critic), "truth-parts" the same with every
+# part of the object weighted alike (part_pixel_weights); "critic" is the shipped critic.
 # lam 0.05 where a row names none: the toy default when these were measured (v3.1); pinned so the
 # rows stay what they were when the default moved to 0.02
 CONTROLS = {
@@ -197,6 +198,7 @@ CONTROLS = {
     "truth-view reward, fixed cameras, lam=0.2": ("truth", dict(fill=None, lam=0.2)),
     "critic, fixed cameras": ("critic", dict(fill=None, lam=0.05)),
     "critic negated": ("negated", dict(lam=0.05)),
+    "part-weighted truth-view reward, fixed cameras": ("truth-parts", dict(fill=None, lam=0.05)),
 }
 
 
@@ -218,7 +220,8 @@ def part_controls(args):
         cfg = replace(pipe.config, **overrides)
         rows, report = [], _progress(name)
         for i, ref in enumerate(refs):
-            critic = (ReferenceViewReward.for_reference(ref, cfg) if kind == "truth"
+            critic = (ReferenceViewReward.for_reference(ref, cfg, part_weighted=kind == "truth-parts")
+                      if kind.startswith("truth")
                       else NegatedCritic(pipe.critic) if kind == "negated" else None)
             rows += run_condition(pipe, [ref], name, overrides, critic=critic, seeds=[i])
             report(i + 1, len(refs), rows[-1])
@@ -242,14 +245,16 @@ def part_gradients(args):
     _save("gradients", dict(steps=list(GRADIENT_STEPS), rows=rows))
 
 
-def gradient_table(rows) -> list:
-    """Markdown lines: per step, the cosines' mean, spread, mean magnitude and share > 0."""
+def gradient_table(rows, key: str = "cosine") -> list:
+    """Markdown lines: per step, the cosines' mean, spread, mean magnitude and share > 0 (``key``
+    "cosine": vs the truth-view reward; "cosine_parts": vs the part-weighted one)."""
     import numpy as np
 
-    lines = ["| step (sigma) | mean cosine critic vs truth | sd | mean abs | share > 0 | n |",
+    against = "part-weighted truth" if key == "cosine_parts" else "truth"
+    lines = [f"| step (sigma) | mean cosine critic vs {against} | sd | mean abs | share > 0 | n |",
              "|---|--:|--:|--:|--:|--:|"]
     for step in sorted({r["step"] for r in rows}):
-        cs = np.array([r["cosine"] for r in rows if r["step"] == step and r["cosine"] is not None])
+        cs = np.array([r.get(key) for r in rows if r["step"] == step and r.get(key) is not None])
         sigma = next(r["sigma"] for r in rows if r["step"] == step)
         if cs.size:
             lines.append(f"| {step} ({sigma:.2f}) | {cs.mean():+.3f} | {cs.std():.3f} | {np.abs(cs).mean():.3f} | "
@@ -309,8 +314,11 @@ def part_summary(args):
                   markdown_table({n: found[n]["summary"] for n in CONTROLS if n in found}), ""]
     grads = RESULTS / "gradients.json"
     if grads.exists():
+        grad_rows = json.loads(grads.read_text())["rows"]
         lines += ["### Gradient agreement (critic vs truth-view reward, unguided estimates)", "",
-                  *gradient_table(json.loads(grads.read_text())["rows"]), ""]
+                  *gradient_table(grad_rows), ""]
+        if any(r.get("cosine_parts") is not None for r in grad_rows):
+            lines += [*gradient_table(grad_rows, "cosine_parts"), ""]
     noise = RESULTS / "noise.json"
     if noise.exists():
         lines += ["### Float noise floor (knob references, 2 torch threads instead of 1)", "",

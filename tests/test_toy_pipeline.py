@@ -150,7 +150,8 @@ def test_cli_toy_run_and_toy_eval(tmp_path, capsys):
 
 def test_gradient_agreement_is_one_for_the_truth_itself_and_minus_one_negated(pipe):
     """The gradients diagnostic's plumbing: the truth-view reward against itself has cosine 1, its
-    negation -1, at every recorded step (same estimate, same cameras, a gradient to compare)."""
+    negation -1, at every recorded step (same estimate, same cameras, a gradient to compare); the
+    part-weighted truth against itself has ``cosine_parts`` 1, and differs from the plain truth."""
     from dataclasses import replace
 
     from vlm3d_guidance.toy.experiment import NegatedCritic, ReferenceViewReward, gradient_agreement
@@ -164,11 +165,16 @@ def test_gradient_agreement_is_one_for_the_truth_itself_and_minus_one_negated(pi
         same = gradient_agreement(pipe, refs, (1, 3), sampling=sampling, critic_for=truth)
         negated = gradient_agreement(pipe, refs, (1, 3), sampling=sampling,
                                      critic_for=lambda r: NegatedCritic(truth(r)))
+        parts = gradient_agreement(pipe, refs, (3,), sampling=sampling,
+                                   critic_for=lambda r: ReferenceViewReward.for_reference(r, fixed, part_weighted=True))
     finally:
         pipe.config = toy.TOY_GUIDANCE
     assert [r["step"] for r in same] == [1, 3] and same[0]["sigma"] < same[1]["sigma"]
     assert [r["cosine"] for r in same] == pytest.approx([1.0, 1.0], abs=1e-6)
     assert [r["cosine"] for r in negated] == pytest.approx([-1.0, -1.0], abs=1e-6)
+    assert parts[0]["cosine_parts"] == pytest.approx(1.0, abs=1e-6)
+    assert same[1]["cosine_parts"] == pytest.approx(parts[0]["cosine"], abs=1e-6)  # symmetric
+    assert 0.0 < same[1]["cosine_parts"] < 0.999  # a table: its legs weigh more than its top
 
 
 def test_uphill_record_sees_the_step_as_the_step_does(pipe):

@@ -201,3 +201,43 @@ def test_truth_view_reward_is_zero_on_the_truth_and_falls_as_the_mesh_moves():
     assert 0.0 > value(0.05) > value(0.2)
     with pytest.raises(ValueError, match="fill=None"):
         ReferenceViewReward.for_reference(ref, TOY_GUIDANCE)
+
+
+def test_part_weighted_truth_reward_weighs_each_part_by_its_inverse_pixel_area():
+    """part_pixel_weights: 1 off the object and on its largest part, A_max / A_part on a smaller
+    part (a mug's handle); the weighted reward is -100 * mean(w * (views - truth)^2), 0 on the truth."""
+    from dataclasses import replace
+
+    from vlm3d_guidance.render import render_views
+    from vlm3d_guidance.toy import TOY_GUIDANCE
+    from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_pixel_weights
+
+    cfg = replace(TOY_GUIDANCE, fill=None)
+    mug = references("test", count=2)[1]
+    assert mug.object.cls == "mug" and [p.name for p in mug.object.parts] == ["body", "handle"]
+    cams = cfg.cameras(1.01)
+    w = part_pixel_weights(mug.object, cams, cfg)
+    assert w.shape == (cfg.num_views, 1, cfg.render_size, cfg.render_size)
+    handle = mug.object.parts[1]
+    from vlm3d_guidance.geometry import marching_cubes
+    from vlm3d_guidance.toy.references import BOX_V, sdf_grid
+
+    def silhouette(part):
+        v, f = marching_cubes(sdf_grid(part), bounds=(-BOX_V, BOX_V))
+        return render_views(v.float(), f, cams, size=cfg.render_size, shading="silhouette", backend=cfg.backend)[:, :1]
+
+    body_s, handle_s = silhouette(mug.object.parts[0]), silhouette(handle)
+    ratio = float(body_s.clamp(0, 1).sum() / handle_s.clamp(0, 1).sum())
+    assert 3.0 < ratio < 20.0  # the handle is a small part, under the cap
+    assert float(w.max()) == pytest.approx(ratio, rel=1e-5)
+    assert float(w[(body_s == 0) & (handle_s == 0)].max()) == 1.0  # background
+    assert float(w[(body_s >= 1) & (handle_s == 0)].max()) == 1.0  # the body, the largest part
+    reward = ReferenceViewReward.for_reference(mug, cfg, part_weighted=True)
+    plain = ReferenceViewReward.for_reference(mug, cfg)
+    views = reward.truth_views.clone()
+    assert float(reward.reward(views, "ignored")) == 0.0
+    views[:, :, 60:70, 60:70] = 1.0 - views[:, :, 60:70, 60:70]
+    expected = -100.0 * (w * (views - reward.truth_views).pow(2)).mean()
+    assert float(reward.reward(views, "ignored")) == pytest.approx(float(expected), rel=1e-6)
+    assert float(plain.reward(views, "ignored")) == pytest.approx(
+        float(-100.0 * (views - plain.truth_views).pow(2).mean()), rel=1e-6)

@@ -184,9 +184,37 @@ def uphill_summary(steps) -> dict:
     return dict(count=len(changes), raised=raised, share=raised / len(changes), mean_change=float(np.mean(changes)))
 
 
+def part_pixel_weights(obj, cameras, cfg, cap: float = 20.0) -> torch.Tensor:
+    """``[N, 1, S, S]`` per-pixel weights that make every part of ``obj`` count alike.
+
+    Each part of the intact object ``obj`` (a :class:`~vlm3d_guidance.toy.world.ToyObject`) is
+    rendered alone as a silhouette through ``cameras`` (``cfg.render_size``, ``cfg.backend``); a
+    pixel a part covers weighs ``A_max / A_part`` (pixel areas summed over the views, the largest
+    part 1, capped at ``cap``; where parts overlap, the largest weight), every other pixel 1. A
+    table leg then weighs ~4-8 times a pixel of the top, a mug's handle ~10 times the body's.
+    """
+    from ..geometry import marching_cubes
+    from ..render import render_views
+    from .references import BOX_V, sdf_grid
+
+    silhouettes = []
+    with torch.no_grad():
+        for part in obj.parts:
+            verts, faces = marching_cubes(sdf_grid(part), bounds=(-BOX_V, BOX_V))
+            silhouettes.append(render_views(verts.float(), faces, cameras, size=cfg.render_size, shading="silhouette",
+                                            backend=cfg.backend)[:, :1].clamp(0, 1))
+    areas = torch.stack([s.sum() for s in silhouettes])
+    relative = (areas.max() / areas.clamp_min(1.0)).clamp(max=cap)
+    weights = torch.ones_like(silhouettes[0])
+    for silhouette, r in zip(silhouettes, relative):
+        weights = torch.maximum(weights, silhouette * r)
+    return weights
+
+
 class ReferenceViewReward:
-    """A diagnostic reward that KNOWS the answer: ``-100 * mean((views - truth_views)^2)``, the
-    critic's views compared with the intact ground truth's views from the same cameras.
+    """A diagnostic reward that KNOWS the answer: ``-100 * mean(w * (views - truth_views)^2)``, the
+    critic's views compared with the intact ground truth's views from the same cameras (``w`` = 1,
+    or :func:`part_pixel_weights` with ``part_weighted``: every part of the object counts alike).
 
     It answers "can the guided step repair a shape when its reward is right?", separating the
     update (decode -> mesh -> render -> x0 update) from the critic. Use it with ``fill=None``
@@ -198,35 +226,41 @@ class ReferenceViewReward:
 
     device = torch.device("cpu")
 
-    def __init__(self, truth_views: torch.Tensor):
+    def __init__(self, truth_views: torch.Tensor, weights: torch.Tensor | None = None):
         self.truth_views = truth_views  # [N, 3, S, S] in [0, 1]
+        self.weights = weights  # [N, 1, S, S] or None (all 1)
 
     @classmethod
-    def seen_by(cls, reference, cameras, cfg) -> "ReferenceViewReward":
+    def seen_by(cls, reference, cameras, cfg, part_weighted: bool = False) -> "ReferenceViewReward":
         """The reward whose truth views are ``reference.mesh`` rendered through ``cameras`` as the
-        guided step renders (``cfg.render_size``, ``cfg.shading``, ``cfg.backend``)."""
+        guided step renders (``cfg.render_size``, ``cfg.shading``, ``cfg.backend``); with
+        ``part_weighted``, each pixel weighted by :func:`part_pixel_weights` of ``reference.object``."""
         from ..render import render_views
 
         verts = torch.as_tensor(np.asarray(reference.mesh.vertices), dtype=torch.float32)
         faces = torch.as_tensor(np.asarray(reference.mesh.faces), dtype=torch.long)
         with torch.no_grad():
             views = render_views(verts, faces, cameras, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
-        return cls(views.clamp(0, 1))
+        weights = part_pixel_weights(reference.object, cameras, cfg) if part_weighted else None
+        return cls(views.clamp(0, 1), weights)
 
     @classmethod
-    def for_reference(cls, reference, cfg, box_v: float = 1.01) -> "ReferenceViewReward":
+    def for_reference(cls, reference, cfg, box_v: float = 1.01, part_weighted: bool = False) -> "ReferenceViewReward":
         """The truth's views of ``reference.mesh`` with the cameras the guided step uses when
         ``cfg.fill`` is None (``cfg`` a :class:`~vlm3d_guidance.GuidanceConfig`)."""
         if cfg.fill is not None:
             raise ValueError("ReferenceViewReward needs fixed cameras: use it with fill=None")
-        return cls.seen_by(reference, cfg.cameras(box_v), cfg)
+        return cls.seen_by(reference, cfg.cameras(box_v), cfg, part_weighted=part_weighted)
 
     def check_prompt(self, *args, **kwargs) -> None:
         return None
 
     def reward(self, images: torch.Tensor, prompt: str) -> torch.Tensor:
         """0-d tensor; ``images [N, 3, S, S]`` as the guided step renders them."""
-        return -100.0 * (images - self.truth_views.to(images)).pow(2).mean()
+        squared = (images - self.truth_views.to(images)).pow(2)
+        if self.weights is not None:
+            squared = self.weights.to(images) * squared
+        return -100.0 * squared.mean()
 
 
 class NegatedCritic:
@@ -260,7 +294,8 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
 
     Returns:
         one dict per (reference, step): ``reference``, ``step``, ``sigma``, ``cosine`` (critic vs
-        truth; None where a surface or gradient is missing) and ``reward`` (the critic's).
+        truth; None where a surface or gradient is missing), ``cosine_parts`` (critic vs the
+        part-weighted truth, :func:`part_pixel_weights`) and ``reward`` (the critic's).
     """
     from ..guidance.step import reward_and_gradient
     from .critic_training import recorded_estimates
@@ -282,12 +317,14 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
             sigma, x0 = estimates[k]
             x0 = x0.clone()  # recorded under hy3dgen's inference mode: a normal tensor, so it can take a gradient
             judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
-            cosine = None
-            if judged.gradient is not None:
-                knows = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+            cosines = dict(cosine=None, cosine_parts=None)
+            for key, part_weighted in (("cosine", False), ("cosine_parts", True)):
+                if judged.gradient is None:
+                    break
+                knows = ReferenceViewReward.seen_by(ref, judged.cameras, cfg, part_weighted=part_weighted)
                 truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None, **common)
                 if truth.gradient is not None:
-                    cosine = float(torch.nn.functional.cosine_similarity(
+                    cosines[key] = float(torch.nn.functional.cosine_similarity(
                         judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
-            out.append(dict(reference=ref.name, step=k, sigma=sigma, cosine=cosine, reward=judged.reward))
+            out.append(dict(reference=ref.name, step=k, sigma=sigma, **cosines, reward=judged.reward))
     return out
