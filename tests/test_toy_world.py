@@ -210,13 +210,13 @@ def test_part_weighted_truth_reward_weighs_each_part_by_its_inverse_pixel_area()
 
     from vlm3d_guidance.render import render_views
     from vlm3d_guidance.toy import TOY_GUIDANCE
-    from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_pixel_weights
+    from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_meshes, part_pixel_weights
 
     cfg = replace(TOY_GUIDANCE, fill=None)
     mug = references("test", count=2)[1]
     assert mug.object.cls == "mug" and [p.name for p in mug.object.parts] == ["body", "handle"]
     cams = cfg.cameras(1.01)
-    w = part_pixel_weights(mug.object, cams, cfg)
+    w = part_pixel_weights(part_meshes(mug.object), cams, cfg)
     assert w.shape == (cfg.num_views, 1, cfg.render_size, cfg.render_size)
     handle = mug.object.parts[1]
     from vlm3d_guidance.geometry import marching_cubes

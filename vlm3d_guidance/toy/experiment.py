@@ -184,25 +184,34 @@ def uphill_summary(steps) -> dict:
     return dict(count=len(changes), raised=raised, share=raised / len(changes), mean_change=float(np.mean(changes)))
 
 
-def part_pixel_weights(obj, cameras, cfg, cap: float = 20.0) -> torch.Tensor:
-    """``[N, 1, S, S]`` per-pixel weights that make every part of ``obj`` count alike.
-
-    Each part of the intact object ``obj`` (a :class:`~vlm3d_guidance.toy.world.ToyObject`) is
-    rendered alone as a silhouette through ``cameras`` (``cfg.render_size``, ``cfg.backend``); a
-    pixel a part covers weighs ``A_max / A_part`` (pixel areas summed over the views, the largest
-    part 1, capped at ``cap``; where parts overlap, the largest weight), every other pixel 1. A
-    table leg then weighs ~4-8 times a pixel of the top, a mug's handle ~10 times the body's.
-    """
+def part_meshes(obj) -> list:
+    """``[(verts [V, 3] float32, faces [F, 3])]``: each part of ``obj`` (a
+    :class:`~vlm3d_guidance.toy.world.ToyObject`) alone, marching cubes of its SDF on the
+    ground-truth grid of the sampler's box."""
     from ..geometry import marching_cubes
-    from ..render import render_views
     from .references import BOX_V, sdf_grid
 
-    silhouettes = []
+    meshes = []
+    for part in obj.parts:
+        verts, faces = marching_cubes(sdf_grid(part), bounds=(-BOX_V, BOX_V))
+        meshes.append((verts.float(), faces))
+    return meshes
+
+
+def part_pixel_weights(meshes, cameras, cfg, cap: float = 20.0) -> torch.Tensor:
+    """``[N, 1, S, S]`` per-pixel weights that make every part of an object count alike.
+
+    Each part mesh of ``meshes`` (:func:`part_meshes` of the intact object) is rendered alone as a
+    silhouette through ``cameras`` (``cfg.render_size``, ``cfg.backend``); a pixel a part covers
+    weighs ``A_max / A_part`` (pixel areas summed over the views, the largest part 1, capped at
+    ``cap``; where parts overlap, the largest weight), every other pixel 1. A table leg then weighs
+    ~4-8 times a pixel of the top, a mug's handle ~10 times the body's.
+    """
+    from ..render import render_views
+
     with torch.no_grad():
-        for part in obj.parts:
-            verts, faces = marching_cubes(sdf_grid(part), bounds=(-BOX_V, BOX_V))
-            silhouettes.append(render_views(verts.float(), faces, cameras, size=cfg.render_size, shading="silhouette",
-                                            backend=cfg.backend)[:, :1].clamp(0, 1))
+        silhouettes = [render_views(verts, faces, cameras, size=cfg.render_size, shading="silhouette",
+                                    backend=cfg.backend)[:, :1].clamp(0, 1) for verts, faces in meshes]
     areas = torch.stack([s.sum() for s in silhouettes])
     relative = (areas.max() / areas.clamp_min(1.0)).clamp(max=cap)
     weights = torch.ones_like(silhouettes[0])
@@ -234,14 +243,15 @@ class ReferenceViewReward:
     def seen_by(cls, reference, cameras, cfg, part_weighted: bool = False) -> "ReferenceViewReward":
         """The reward whose truth views are ``reference.mesh`` rendered through ``cameras`` as the
         guided step renders (``cfg.render_size``, ``cfg.shading``, ``cfg.backend``); with
-        ``part_weighted``, each pixel weighted by :func:`part_pixel_weights` of ``reference.object``."""
+        ``part_weighted``, each pixel weighted by :func:`part_pixel_weights` of ``reference.object``'s
+        parts."""
         from ..render import render_views
 
         verts = torch.as_tensor(np.asarray(reference.mesh.vertices), dtype=torch.float32)
         faces = torch.as_tensor(np.asarray(reference.mesh.faces), dtype=torch.long)
         with torch.no_grad():
             views = render_views(verts, faces, cameras, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
-        weights = part_pixel_weights(reference.object, cameras, cfg) if part_weighted else None
+        weights = part_pixel_weights(part_meshes(reference.object), cameras, cfg) if part_weighted else None
         return cls(views.clamp(0, 1), weights)
 
     @classmethod
@@ -310,6 +320,7 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
     out = []
     for ref, seed in zip(refs, seeds):
         critic = pipe.critic if critic_for is None else critic_for(ref)
+        parts = part_meshes(ref.object)  # the part-weighted truth's meshes: the same at every step
         with recorded_estimates(pipe.pipeline) as estimates:
             pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
                           output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
@@ -318,13 +329,14 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
             x0 = x0.clone()  # recorded under hy3dgen's inference mode: a normal tensor, so it can take a gradient
             judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
             cosines = dict(cosine=None, cosine_parts=None)
-            for key, part_weighted in (("cosine", False), ("cosine_parts", True)):
-                if judged.gradient is None:
-                    break
-                knows = ReferenceViewReward.seen_by(ref, judged.cameras, cfg, part_weighted=part_weighted)
-                truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None, **common)
-                if truth.gradient is not None:
-                    cosines[key] = float(torch.nn.functional.cosine_similarity(
-                        judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
+            if judged.gradient is not None:
+                plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+                weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
+                for key, knows in (("cosine", plain), ("cosine_parts", weighted)):
+                    truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None,
+                                                **common)
+                    if truth.gradient is not None:
+                        cosines[key] = float(torch.nn.functional.cosine_similarity(
+                            judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
             out.append(dict(reference=ref.name, step=k, sigma=sigma, **cosines, reward=judged.reward))
     return out
