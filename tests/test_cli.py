@@ -507,6 +507,16 @@ def test_version_and_help(cli_env):
         assert flag in res.stdout
 
 
+def test_rotate_views_flag_reaches_the_guidance_config():
+    from vlm3d_guidance import cli
+    from vlm3d_guidance.cli.settings import guidance_config
+
+    parse = cli.build_parser().parse_args
+    assert guidance_config(cli.resolve_settings(parse(["--tiny"]))).rotate_views is False
+    assert guidance_config(cli.resolve_settings(parse(["--tiny", "--rotate-views"]))).rotate_views is True
+    assert guidance_config(cli.resolve_settings(parse(["--tiny", "--no-rotate-views"]))).rotate_views is False
+
+
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     from vlm3d_guidance import outputs
 

@@ -381,6 +381,39 @@ def test_one_guided_step_moves_the_latent_by_the_normalised_update(hunyuan_root,
     assert set(first.seconds) == stages and all(v > 0 for v in first.seconds.values())
 
 
+def test_rotate_views_turns_the_orbit_by_the_golden_ratio_sequence(hunyuan_root, critic):
+    """rotate_views: step i's critic sees the orbit turned by frac(i * 0.618...) * 360 / num_views
+    degrees. Only step 2 is guided here (window [0.4, 0.6) of 6 steps), so its clean estimate is the
+    stock sampler's, and the recorded reward must be that estimate's reward through turned cameras."""
+    from vlm3d_guidance.toy.critic_training import recorded_estimates
+
+    cfg = GuidanceConfig(**FAST, rotate_views=True)
+    golden = (5 ** 0.5 - 1) / 2
+    assert cfg.azimuth_offset(0) == 0.0 and GuidanceConfig(**FAST).azimuth_offset(7) == 0.0
+    assert cfg.azimuth_offset(2) == pytest.approx((2 * golden % 1.0) * 180.0, abs=1e-9)  # 2 views: 180 apart
+    offsets = [cfg.azimuth_offset(i) for i in range(50)]
+    assert min(offsets) >= 0.0 and max(offsets) < 180.0 and len({round(o, 6) for o in offsets}) == 50
+    with pytest.raises(ValueError, match="rotate_views"):
+        GuidanceConfig(rotate_views=1)
+
+    stock, guided = _pipes("standard", hunyuan_root, critic, rotate_views=True, start=0.4, end=0.6)
+    kw = dict(image=_image(0), output_type="latent", **CALL)
+    with recorded_estimates(stock) as estimates:
+        stock(generator=torch.manual_seed(0), **kw)
+    out = guided(generator=torch.manual_seed(0), prompt="a red box", return_dict=True, **kw)
+    assert [rec.guided for rec in out.trace] == [False, False, True, False, False, False]
+    sigma, x0 = estimates[2]
+    rewards = {}
+    for turn in (cfg.azimuth_offset(2), 0.0):
+        rewards[turn] = reward_and_gradient(
+            x0.clone(), guided.pipeline.vae, critic, "a red box", cfg.cameras(1.01, azimuth_offset=turn),
+            box_v=1.01, mc_level=0.0, grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
+            shading=cfg.shading, backend=cfg.backend, num_chunks=8000, seconds={}, want_gradient=False,
+            coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill, export_resolution=CALL["octree_resolution"]).reward
+    assert out.trace[2].reward[0] == pytest.approx(rewards[cfg.azimuth_offset(2)], abs=1e-6)
+    assert abs(rewards[cfg.azimuth_offset(2)] - rewards[0.0]) > 1e-6  # the turn is visible to the critic
+
+
 def test_callback_sees_every_kth_step_and_the_guided_latent(hunyuan_root, critic):
     _, guided = _pipes("standard", hunyuan_root, critic, lam=0.05)
     kw = dict(image=_image(0), prompt="a red box", output_type="latent", **{**CALL, "num_inference_steps": 4})

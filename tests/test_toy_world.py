@@ -119,29 +119,49 @@ def test_hidden_handle_points_away_from_the_reference_camera():
     assert abs(((az - 30.0) % 360.0) - 180.0) < 1e-6
 
 
-def test_toy_critic_views_are_the_guided_steps_views(tmp_path):
-    """The toy critic is trained on latent_views(); they must be exactly what the guided step renders."""
+@pytest.mark.parametrize("azimuth", [0.0, 37.5])
+def test_toy_critic_views_are_the_guided_steps_views(tmp_path, azimuth):
+    """The toy critic is trained on latent_views() / surface_views(); they must be exactly what the
+    guided step renders, also with the orbit turned (``rotate_views``; the critic data's turned views)."""
     from vlm3d_guidance.critic import VLMCritic
     from vlm3d_guidance.guidance.step import reward_and_gradient
     from vlm3d_guidance.render import orbit_cameras
     from vlm3d_guidance.tiny import build_tiny_qwen, load_tiny_hunyuan_pipeline
     from vlm3d_guidance.toy.config import TOY_GUIDANCE
-    from vlm3d_guidance.toy.render_latent import latent_views
+    from vlm3d_guidance.toy.render_latent import latent_surface, latent_views, surface_views
 
     pipe = load_tiny_hunyuan_pipeline("standard", root=tmp_path / "h")
     critic = VLMCritic.from_pretrained(build_tiny_qwen("qwen2_5_vl", root=tmp_path / "q"))
     x0 = torch.randn(1, 32, 8, generator=torch.Generator().manual_seed(0))
     cfg = TOY_GUIDANCE
-    cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01)
+    cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01,
+                         azimuth_offset=azimuth)
+    assert torch.equal(cams.view, cfg.cameras(1.01, azimuth_offset=azimuth).view)
     result = reward_and_gradient(x0, pipe.vae, critic, "a box", cams, box_v=1.01, mc_level=0.0,
                                  grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
                                  shading=cfg.shading, backend=cfg.backend, num_chunks=20000, seconds={},
                                  want_gradient=False, keep_images=True, coarse_to_fine=cfg.coarse_to_fine,
                                  fill=cfg.fill, export_resolution=64)
-    ours = latent_views(pipe.vae, x0, cfg, export_resolution=64)
+    ours = surface_views(*latent_surface(pipe.vae, x0, cfg, 64), cfg, azimuth_offset=azimuth)
     assert result.images is not None and ours.shape == result.images.shape == (4, 3, 140, 140)
     assert torch.equal(ours, result.images.clamp(0, 1))
     assert ours.std() > 0.05  # an object, not an empty frame
+    unturned = latent_views(pipe.vae, x0, cfg, export_resolution=64)
+    assert torch.equal(unturned, ours) == (azimuth == 0.0)
+
+
+def test_critic_data_views_turn_uniformly_over_one_view_spacing():
+    from vlm3d_guidance.toy.config import TOY_GUIDANCE
+    from vlm3d_guidance.toy.critic_training import view_turns
+
+    turns = view_turns(TOY_GUIDANCE, dict(critic_turned_views=True), seed=3)
+    drawn = np.array([next(turns) for _ in range(2000)])
+    assert drawn.min() >= 0.0 and drawn.max() < 90.0  # 4 views: one spacing is 90 degrees
+    assert np.histogram(drawn, bins=4, range=(0, 90))[0].min() > 420  # ~500 per quarter
+    again = view_turns(TOY_GUIDANCE, dict(critic_turned_views=True), seed=3)
+    assert [next(again) for _ in range(5)] == drawn[:5].tolist()
+    still = view_turns(TOY_GUIDANCE, dict(critic_turned_views=False), seed=3)
+    assert [next(still) for _ in range(5)] == [0.0] * 5
 
 
 def test_broken_shapes_are_sampled_where_their_missing_part_was():

@@ -53,6 +53,15 @@ class GuidanceConfig:
             4 views at 20 degrees elevation, 40 degrees fov, 448 px (a multiple of 28, so the
             Qwen-VL preprocessing is exact), clay shading (geometry only, like the paper's
             untextured Hunyuan shapes); backend "auto" = nvdiffrast on CUDA when installed.
+        rotate_views: turn the whole orbit by a new azimuth at every guided step (default False:
+            the same ``num_views`` azimuths at every step). Step ``i``'s offset is
+            ``frac(i * 0.618...) * 360 / num_views`` degrees (the golden-ratio sequence: spread
+            evenly over one view spacing, no random state, the same on every run). A critic's
+            gradient has a part that belongs to the particular pictures (it changes when the views
+            turn) and a part that belongs to the shape; with fixed views the first repeats at every
+            step and adds up like the second, with turning views it changes from step to step and
+            averages out. Worth it only with a critic that judges every azimuth alike (the toy
+            critic is trained on turned views for this; see benchmarks/RESULTS.md).
         fill: framing. The views are fitted to the object at every guided step: from the step's
             guidance mesh (its vertices, without gradient) each view's image window is centred on
             the object's projected bounding box and zoomed so that its larger side spans ``fill``
@@ -105,6 +114,7 @@ class GuidanceConfig:
     shading: str = "clay"
     backend: str = "auto"
     fill: float | None = 0.9
+    rotate_views: bool = False
     grid_resolution: int = 128
     coarse_to_fine: bool = True
     track_surface: bool = True
@@ -133,7 +143,7 @@ class GuidanceConfig:
         _positive_int("grid_resolution", self.grid_resolution, minimum=8)
         if not isinstance(self.coarse_to_fine, bool):
             raise ValueError(f"coarse_to_fine must be True or False (got {self.coarse_to_fine!r})")
-        for name in ("track_surface", "profile"):
+        for name in ("track_surface", "profile", "rotate_views"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False (got {getattr(self, name)!r})")
         if self.coarse_to_fine and self.grid_resolution % 2:
@@ -165,13 +175,22 @@ class GuidanceConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def cameras(self, box_v: float = 1.01, device="cpu"):
+    def cameras(self, box_v: float = 1.01, device="cpu", azimuth_offset: float = 0.0):
         """The critic's orbit cameras before any fitting: ``num_views`` views at ``elevation`` and
-        ``fov``, framing the box ``[-box_v, box_v]^3`` (:func:`~vlm3d_guidance.render.orbit_cameras`)."""
+        ``fov``, framing the box ``[-box_v, box_v]^3``, the orbit turned by ``azimuth_offset``
+        degrees (:func:`~vlm3d_guidance.render.orbit_cameras`; a step's offset is
+        :meth:`azimuth_offset`)."""
         from .render import orbit_cameras
 
         return orbit_cameras(num_views=self.num_views, elevation=self.elevation, fov=self.fov, device=device,
-                             bounds=box_v)
+                             bounds=box_v, azimuth_offset=azimuth_offset)
+
+    def azimuth_offset(self, step: int) -> float:
+        """Degrees the orbit turns at sampling step ``step``: ``frac(step * (sqrt(5) - 1) / 2) * 360 /
+        num_views`` with ``rotate_views``, else 0."""
+        if not self.rotate_views:
+            return 0.0
+        return math.fmod(step * (math.sqrt(5.0) - 1.0) / 2.0, 1.0) * 360.0 / self.num_views
 
     def lam_at(self, step: int, num_steps: int) -> float:
         """Lambda at sampling step ``step`` of ``num_steps`` (0 outside the window or between ``every``)."""

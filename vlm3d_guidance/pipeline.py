@@ -243,7 +243,8 @@ class GuidedHunyuanPipeline:
 
                 update = None
                 if lam > 0:
-                    update = self._guidance_update(z, noise_pred, sigma, lam, prompts, cameras, cfg, record,
+                    step_cameras = cfg.cameras(box_v, device, cfg.azimuth_offset(i)) if cfg.rotate_views else cameras
+                    update = self._guidance_update(z, noise_pred, sigma, lam, prompts, step_cameras, cfg, record,
                                                    box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
                                                    full=full, export_resolution=export_resolution, tracks=tracks)
                 else:

@@ -83,6 +83,10 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                    help="decode that grid only near the surface: same mesh wherever the surface touches "
                         "the coarse band, far fewer decoder queries (needs an even --grid-resolution; can "
                         f"miss a piece thinner than two cells) ({dflt('coarse_to_fine')})")
+    g.add_argument("--rotate-views", dest="rotate_views", action=argparse.BooleanOptionalAction,
+                   help="turn the critic's orbit by a new azimuth at every guided step (golden-ratio "
+                        "sequence over one view spacing), so the gradient's view-specific part averages "
+                        f"out over the run ({dflt('rotate_views')})")
 
     g = parser.add_argument_group("devices")
     g.add_argument("--device", metavar="DEV", help=f"device of the Hunyuan pipeline, e.g. cuda, cuda:1, cpu "

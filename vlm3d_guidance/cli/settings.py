@@ -38,6 +38,7 @@ DEFAULTS = dict(
     backend="auto",
     grid_resolution=128,
     coarse_to_fine=True,
+    rotate_views=False,
     octree_resolution=384,
     mc_level=0.0,
     num_chunks=8000,
@@ -71,7 +72,8 @@ _GUIDANCE_KEYS = dict(lam="lam", schedule="schedule", start="start", end="end", 
                       gradient="gradient", dit_checkpointing="dit_checkpointing", normalize="normalize",
                       clip="clip", num_views="views", elevation="elevation", fov="fov",
                       render_size="render_size", shading="shading", backend="backend",
-                      grid_resolution="grid_resolution", coarse_to_fine="coarse_to_fine")
+                      grid_resolution="grid_resolution", coarse_to_fine="coarse_to_fine",
+                      rotate_views="rotate_views")
 _FLAGS = {key: "--" + key.replace("_", "-") for key in DEFAULTS}
 _FLAGS.update(guidance_scale="--cfg", views="--views", steps="--steps", critic="--critic")
 

@@ -53,6 +53,18 @@ def shown_geometry(verts: torch.Tensor, faces: torch.Tensor, intact) -> str | No
     return verdict_geometry(judge_surface(verts, faces, intact), intact)
 
 
+def view_turns(guidance, sizes, seed: int):
+    """Azimuth offsets (degrees) for the critic's samples, one per rendered surface: uniform over
+    one view spacing (``360 / guidance.num_views``) with ``sizes["critic_turned_views"]``, so the
+    critic learns to judge the orbit turned by any angle (what ``GuidanceConfig.rotate_views``
+    shows it), else always 0. Drawn from their own stream (``seed + 1000``): the labels' draws do
+    not change with it."""
+    rng = np.random.default_rng(seed + 1000)
+    spacing = 360.0 / guidance.num_views
+    while True:
+        yield float(rng.uniform(0.0, spacing)) if sizes.get("critic_turned_views", False) else 0.0
+
+
 @contextmanager
 def recorded_estimates(pipeline):
     """Record the clean-latent estimate ``x0 = z + (1 - sigma) v`` (``[B, L, C]``, the CFG-combined
@@ -96,6 +108,7 @@ def rollout_samples(pipeline, shapes, guidance, sizes, log, seed: int) -> tuple[
     from .render_latent import latent_surface, surface_views
 
     rng = np.random.default_rng(seed)
+    turns = view_turns(guidance, sizes, seed)
     export = TOY_SAMPLING["octree_resolution"]
     samples: list = []
     stats: dict = {}
@@ -113,7 +126,7 @@ def rollout_samples(pipeline, shapes, guidance, sizes, log, seed: int) -> tuple[
             surface = latent_surface(pipeline.vae, x0, guidance, export)
             if surface is None:
                 continue
-            u8 = surface_views(*surface, guidance).mul(255).round().to(torch.uint8)
+            u8 = surface_views(*surface, guidance, azimuth_offset=next(turns)).mul(255).round().to(torch.uint8)
             for desc, label in _label_description(obj.cls, geometry, rng):
                 samples.append((u8, desc, label, f"rollout@{sigma:.2f}"))
         if i % 20 == 0:
@@ -146,6 +159,7 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, refs, guidance, siz
     from .render_latent import latent_surface, surface_views
 
     rng = np.random.default_rng(seed)
+    turns = view_turns(guidance, sizes, seed)
     gen = torch.Generator().manual_seed(seed)
     scale = vae.scale_factor
     export = TOY_SAMPLING["octree_resolution"]
@@ -183,7 +197,7 @@ def make_critic_data(shapes, latents, dit, conditioner, vae, refs, guidance, siz
             if surface is not None:
                 items.append((surface, shown[target], f"estimate@{s:.2f}"))
         for surface, geometry, kind in items:
-            u8 = surface_views(*surface, guidance).mul(255).round().to(torch.uint8)
+            u8 = surface_views(*surface, guidance, azimuth_offset=next(turns)).mul(255).round().to(torch.uint8)
             for desc, label in _label_description(obj.cls, geometry, rng):
                 data.append((u8, desc, label, kind))
         if i % 20 == 0:

@@ -30,10 +30,11 @@ def latent_surface(vae, latent: torch.Tensor, cfg: GuidanceConfig, export_resolu
 
 
 @torch.no_grad()
-def surface_views(verts: torch.Tensor, faces: torch.Tensor, cfg: GuidanceConfig, box_v: float = 1.01):
-    """``[N, 3, S, S]`` clay views in [0, 1] of a placed surface: the config's orbit cameras fitted
-    to it (``cfg.fill``), ``render_views`` at ``cfg.render_size``."""
-    cams = cfg.cameras(box_v, verts.device)
+def surface_views(verts: torch.Tensor, faces: torch.Tensor, cfg: GuidanceConfig, box_v: float = 1.01,
+                  azimuth_offset: float = 0.0):
+    """``[N, 3, S, S]`` clay views in [0, 1] of a placed surface: the config's orbit cameras (turned
+    by ``azimuth_offset`` degrees) fitted to it (``cfg.fill``), ``render_views`` at ``cfg.render_size``."""
+    cams = cfg.cameras(box_v, verts.device, azimuth_offset)
     if cfg.fill is not None:
         cams = fit_to_points(cams, verts, cfg.fill)
     return render_views(verts, faces, cams, size=cfg.render_size, shading=cfg.shading,
