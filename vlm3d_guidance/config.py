@@ -60,8 +60,10 @@ class GuidanceConfig:
             gradient has a part that belongs to the particular pictures (it changes when the views
             turn) and a part that belongs to the shape; with fixed views the first repeats at every
             step and adds up like the second, with turning views it changes from step to step and
-            averages out. Worth it only with a critic that judges every azimuth alike (the toy
-            critic is trained on turned views for this; see benchmarks/RESULTS.md).
+            can average out. Only for a critic that judges every azimuth alike (a large pretrained
+            VLM; the shipped toy critic knows one orbit). Measured on the toy world, it did not
+            reduce failures, with the shipped critic or with one trained on turned orbits
+            (benchmarks/RESULTS.md, fifth 2026-12-06 section).
         fill: framing. The views are fitted to the object at every guided step: from the step's
             guidance mesh (its vertices, without gradient) each view's image window is centred on
             the object's projected bounding box and zoomed so that its larger side spans ``fill``

@@ -6,12 +6,17 @@ normalised gradient (the upper bound that repairs 21 of 27 failures, `part_oracl
 
 - ``random``: a fresh Gaussian direction at every step (seeded by reference and step), or
 - ``critic``: the shipped critic's own gradient with its ``u`` component removed, i.e. the critic's
-  "noise" at this step (the critic sees the step's mesh as it does when guiding: fitted cameras).
+  "noise" at this step (the critic sees the step's mesh as it does when guiding: fitted cameras), or
+- ``image``: the gradient of a random linear reward on the views, ``sum(views * R)`` with ``R`` a
+  fresh Gaussian image per step (seeded by reference and step), pulled back through the same render
+  and decoder as the critic's (fitted cameras): noise that, like the critic's gradient, lies in the
+  directions the decoder and renderer can express, where a Gaussian latent direction mostly does not
+  change the surface.
 
 The update then has cosine exactly ``c`` with the truth's, and RMS ``lam`` (as ``normalize="rms"``).
 Same references, seeds, fixed cameras for the truth, lam and 25 steps as `part_oracle.py`.
 
-Usage: python noisy_oracle.py A B LAM C random|critic OUT.json
+Usage: python noisy_oracle.py A B LAM C random|critic|image OUT.json
 """
 import json
 import math
@@ -26,13 +31,29 @@ from vlm3d_guidance.toy.experiment import ReferenceViewReward, run_condition, su
 
 torch.set_num_threads(1)
 a, b, lam, c, noise, out = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), sys.argv[5], sys.argv[6]
-assert noise in ("random", "critic") and 0.0 <= c <= 1.0
+assert noise in ("random", "critic", "image") and 0.0 <= c <= 1.0
 pipe = toy.load_pipeline()
 critic = pipe.critic
 cfg = replace(pipe.config, fill=None, lam=lam)
 refs = toy.references("test", count=b - a, seed=0, start=a)
 measured = []  # (reference, step, cosine of the critic's gradient with u) for the critic mode
 original = pipe._guidance_update
+
+
+class RandomImageReward:
+    """``sum(views * R)``, ``R`` a Gaussian image drawn from ``seed`` (the critic's interface)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, seed):
+        self.seed = seed
+
+    def check_prompt(self, *args, **kwargs):
+        return None
+
+    def reward(self, images, prompt):
+        r = torch.randn(images.shape, generator=torch.Generator().manual_seed(self.seed))
+        return (images * r.to(images)).sum()
 
 
 def mixed(ref_index):
@@ -46,8 +67,9 @@ def mixed(ref_index):
             n = torch.randn(u.shape, generator=gen)
         else:
             x0 = (z.float() + (1.0 - sigma) * noise_pred.float()).clone()
+            judge = critic if noise == "critic" else RandomImageReward(1_000_003 * ref_index + record.step)
             judged = reward_and_gradient(
-                x0, pipe.pipeline.vae, critic, prompts[0], pipe.config.cameras(), box_v=kw["box_v"],
+                x0, pipe.pipeline.vae, judge, prompts[0], pipe.config.cameras(), box_v=kw["box_v"],
                 mc_level=kw["mc_level"], grid_resolution=cfg_i.grid_resolution, render_size=cfg_i.render_size,
                 shading=cfg_i.shading, backend=cfg_i.backend, num_chunks=kw["num_chunks"], seconds={},
                 coarse_to_fine=cfg_i.coarse_to_fine, fill=pipe.config.fill,
@@ -56,7 +78,8 @@ def mixed(ref_index):
                 n = torch.randn(u.shape, generator=torch.Generator().manual_seed(record.step))
             else:
                 n = judged.gradient.flatten().float()
-                measured.append((ref_index, record.step, float(n @ u / n.norm())))
+                if noise == "critic":
+                    measured.append((ref_index, record.step, float(n @ u / n.norm())))
         n = n - (n @ u) * u
         n = n / n.norm()
         direction = c * u + math.sqrt(max(0.0, 1.0 - c * c)) * n

@@ -31,7 +31,8 @@ Stages (each cached in ``--work``, so a later stage can be rerun alone with ``--
    ``critic_rollout_steps``, labelled by the judge's verdict on the run's exported mesh. Measured
    with 200 runs (and 1 noised estimate, 4 epochs): the critic's held-out balanced accuracy fell
    from 0.71 to 0.51 and the run took 5,477 s, over the 90-minute budget (benchmarks/RESULTS.md).
-   With ``critic_turned_views`` each sample's orbit is turned by a random azimuth within one view
+   With ``critic_turned_views`` (off in the shipped run: measured, it did not help; see
+   benchmarks/RESULTS.md) each sample's orbit is turned by a random azimuth within one view
    spacing (:func:`~vlm3d_guidance.toy.critic_training.view_turns`), so the critic judges any turn
    alike, as ``GuidanceConfig.rotate_views`` shows it.
 7. ``critic``: transformers' ``Qwen2_5_VLForConditionalGeneration`` (small) trained with a logistic
@@ -83,8 +84,7 @@ QUICK = dict(gen_objects=16, critic_objects=8, ae_objects=8, ae_steps=6, ae_batc
              ae_check_every=6, ae_check_objects=2,
              cond_steps=4, cond_batch=4, cond_lr=1e-3, cond_check_objects=4,
              dit_steps=6, dit_batch=8, critic_epochs=1, critic_lr=3e-4, critic_estimates=1,
-             critic_max_weight=3.0, critic_rollouts=2, critic_rollout_steps=[2, 22],
-             critic_turned_views=True)
+             critic_max_weight=3.0, critic_rollouts=2, critic_rollout_steps=[2, 22])
 
 
 def field_samples(obj, count: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
