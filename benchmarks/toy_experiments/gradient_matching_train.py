@@ -5,7 +5,9 @@ of the rendered views, its image gradient g = dr/dV (create_graph, eager attenti
 backward on CPU), pulled back through the render to the vertices, gv = J_render^T g;
 loss = 1 - cos(gv, t_verts) + w_keep * (r - r_orig)^2 (keep the verdicts the shipped critic gives).
 (An image-space first version, cos(g * mask, (T - V) * mask), was tried on 2 objects only.)
-Usage: THREADS=2 python gradient_matching_train.py DATA[,DATA2] OUT EPOCHS LR [w_keep]"""
+Usage: THREADS=2 [INIT=CRITIC_FOLDER] python gradient_matching_train.py DATA[,DATA2] OUT EPOCHS LR [w_keep]
+(INIT: start from that critic's weights, e.g. a previous OUT, instead of the shipped critic's; the
+keep term then anchors to its rewards.)"""
 import sys, time, math, numpy as np, torch, torch.nn.functional as F
 torch.set_num_threads(int(__import__('os').environ.get('THREADS', '1')))
 from vlm3d_guidance.critic import VLMCritic
@@ -20,6 +22,10 @@ train = [k for k, r in enumerate(rows) if r['i'] not in held_objs]
 held = [k for k, r in enumerate(rows) if r['i'] in held_objs]
 print(f"{len(rows)} samples of {len(objs)} objects; train {len(train)}, held {len(held)} ({len(held_objs)} objects)", flush=True)
 critic = VLMCritic.from_pretrained(str(WEIGHTS_DIR / CRITIC_FOLDER), device="cpu", dtype="float32", attn_implementation="eager")
+if __import__('os').environ.get('INIT'):  # the model weights of a previous run (the processor files are the shipped ones)
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    critic = VLMCritic(Qwen2_5_VLForConditionalGeneration.from_pretrained(
+        __import__('os').environ['INIT'], torch_dtype=torch.float32, attn_implementation="eager"), critic.processor)
 model = critic.model
 
 from vlm3d_guidance.render import render_views
