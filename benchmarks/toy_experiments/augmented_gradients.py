@@ -16,9 +16,8 @@ import torch
 
 from vlm3d_guidance import toy
 from vlm3d_guidance.guidance.step import reward_and_gradient
-from vlm3d_guidance.toy.config import TOY_SAMPLING
-from vlm3d_guidance.toy.critic_training import recorded_estimates
-from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_meshes, part_pixel_weights
+from vlm3d_guidance.toy.experiment import (ReferenceViewReward, part_meshes, part_pixel_weights, step_arguments,
+                                           unguided_estimates)
 
 torch.set_num_threads(1)
 weights, out = sys.argv[1], sys.argv[2]
@@ -60,35 +59,30 @@ class AugmentedCritic:
 pipe = toy.load_pipeline(weights=None if weights == "shipped" else weights)
 cfg = pipe.config
 refs = toy.references("test", count=16, seed=0)
-sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
-common = dict(box_v=1.01, mc_level=0.0, grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
-              shading=cfg.shading, backend=cfg.backend, num_chunks=TOY_SAMPLING["num_chunks"], seconds={},
-              coarse_to_fine=cfg.coarse_to_fine, export_resolution=TOY_SAMPLING["octree_resolution"])
+common = step_arguments(cfg)  # as the toy guided step judges an estimate
 rows = []
-for seed, ref in enumerate(refs):
-    parts = part_meshes(ref.object)
-    with recorded_estimates(pipe.pipeline) as estimates:
-        pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
-                      output_type="latent", **sampling)
-    for k in STEPS:
-        sigma, x0 = estimates[k]
-        row = dict(reference=ref.name, step=k, sigma=sigma)
-        truth_g = None
-        for name, (count, noise, shift) in SETTINGS.items():
-            judge = AugmentedCritic(pipe.critic, count, noise, shift, seed=seed * 1000 + k)
-            judged = reward_and_gradient(x0.clone(), pipe.pipeline.vae, judge, ref.prompt, cfg.cameras(), fill=cfg.fill,
-                                         **common)
-            if judged.gradient is None:
-                break
-            if truth_g is None:
-                plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
-                weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
-                truth_g = reward_and_gradient(x0.clone(), pipe.pipeline.vae, weighted, ref.prompt, judged.cameras,
-                                              fill=None, **common).gradient
-            row[name] = float(torch.nn.functional.cosine_similarity(judged.gradient.flatten(), truth_g.flatten(), dim=0))
-        if len(row) == 3 + len(SETTINGS):
-            rows.append(row)
-            print(ref.name, k, {n: round(row[n], 3) for n in SETTINGS}, flush=True)
+parts = {}  # reference name -> its part meshes (the part-weighted truth's)
+for ref, k, sigma, x0 in unguided_estimates(pipe, refs, STEPS):
+    seed = int(ref.name.split("-")[2])  # test-0-<i>-<class>: reference i, seed i
+    if ref.name not in parts:
+        parts[ref.name] = part_meshes(ref.object)
+    row = dict(reference=ref.name, step=k, sigma=sigma)
+    truth_g = None
+    for name, (count, noise, shift) in SETTINGS.items():
+        judge = AugmentedCritic(pipe.critic, count, noise, shift, seed=seed * 1000 + k)
+        judged = reward_and_gradient(x0.clone(), pipe.pipeline.vae, judge, ref.prompt, cfg.cameras(), fill=cfg.fill,
+                                     **common)
+        if judged.gradient is None:
+            break
+        if truth_g is None:
+            plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+            weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], judged.cameras, cfg))
+            truth_g = reward_and_gradient(x0.clone(), pipe.pipeline.vae, weighted, ref.prompt, judged.cameras,
+                                          fill=None, **common).gradient
+        row[name] = float(torch.nn.functional.cosine_similarity(judged.gradient.flatten(), truth_g.flatten(), dim=0))
+    if len(row) == 3 + len(SETTINGS):
+        rows.append(row)
+        print(ref.name, k, {n: round(row[n], 3) for n in SETTINGS}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 for name in SETTINGS:
     vals = np.array([r[name] for r in rows])

@@ -18,9 +18,8 @@ import torch
 from vlm3d_guidance import toy
 from vlm3d_guidance.guidance.step import reward_and_gradient
 from vlm3d_guidance.render import orbit_cameras
-from vlm3d_guidance.toy.critic_training import recorded_estimates
-from vlm3d_guidance.toy.config import TOY_SAMPLING
-from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_meshes, part_pixel_weights
+from vlm3d_guidance.toy.experiment import (ReferenceViewReward, part_meshes, part_pixel_weights, step_arguments,
+                                           unguided_estimates)
 
 torch.set_num_threads(1)
 weights, out = sys.argv[1], sys.argv[2]
@@ -29,10 +28,7 @@ STEPS = (2, 7, 12, 17, 22)
 pipe = toy.load_pipeline(weights=None if weights == "shipped" else weights)
 cfg = pipe.config
 refs = toy.references("test", count=16, seed=0)
-sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
-common = dict(box_v=1.01, mc_level=0.0, grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
-              shading=cfg.shading, backend=cfg.backend, num_chunks=TOY_SAMPLING["num_chunks"], seconds={},
-              coarse_to_fine=cfg.coarse_to_fine, export_resolution=TOY_SAMPLING["octree_resolution"])
+common = step_arguments(cfg)  # as the toy guided step judges an estimate
 
 
 def unit(g):
@@ -41,42 +37,38 @@ def unit(g):
 
 
 rows = []
-for seed, ref in enumerate(refs):
-    parts = part_meshes(ref.object)
-    with recorded_estimates(pipe.pipeline) as estimates:
-        pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
-                      output_type="latent", **sampling)
-    for k in STEPS:
-        sigma, x0 = estimates[k]
-        x0 = x0.clone()
-        critic_units, truth_units = [], []
-        for offset in OFFSETS:
-            cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01,
-                                 azimuth_offset=offset)
-            judged = reward_and_gradient(x0, pipe.pipeline.vae, pipe.critic, ref.prompt, cams, fill=cfg.fill, **common)
-            if judged.gradient is None:
-                break
-            plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
-            weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
-            truth = reward_and_gradient(x0, pipe.pipeline.vae, weighted, ref.prompt, judged.cameras, fill=None, **common)
-            if truth.gradient is None:
-                break
-            critic_units.append(unit(judged.gradient))
-            truth_units.append(unit(truth.gradient))
-        if len(critic_units) < len(OFFSETS):
-            rows.append(dict(reference=ref.name, step=k, sigma=sigma, skipped=True))
-            continue
-        row = dict(reference=ref.name, step=k, sigma=sigma,
-                   single=[float(c @ t) for c, t in zip(critic_units, truth_units)])
-        for n in range(1, len(OFFSETS) + 1):
-            avg_c = torch.stack(critic_units[:n]).mean(0)
-            avg_t = torch.stack(truth_units[:n]).mean(0)
-            row[f"avg{n}_vs_truth0"] = float(unit(avg_c) @ truth_units[0])
-            row[f"avg{n}_vs_avgtruth"] = float(unit(avg_c) @ unit(avg_t))
-        row["truth_offsets_cos"] = float(truth_units[0] @ truth_units[1])
-        row["critic_offsets_cos"] = float(critic_units[0] @ critic_units[1])
-        rows.append(row)
-        print(ref.name, k, {key: round(v, 3) for key, v in row.items() if key.startswith("avg")}, flush=True)
+parts = {}  # reference name -> its part meshes (the part-weighted truth's)
+for ref, k, sigma, x0 in unguided_estimates(pipe, refs, STEPS):
+    if ref.name not in parts:
+        parts[ref.name] = part_meshes(ref.object)
+    critic_units, truth_units = [], []
+    for offset in OFFSETS:
+        cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01,
+                             azimuth_offset=offset)
+        judged = reward_and_gradient(x0, pipe.pipeline.vae, pipe.critic, ref.prompt, cams, fill=cfg.fill, **common)
+        if judged.gradient is None:
+            break
+        plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+        weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], judged.cameras, cfg))
+        truth = reward_and_gradient(x0, pipe.pipeline.vae, weighted, ref.prompt, judged.cameras, fill=None, **common)
+        if truth.gradient is None:
+            break
+        critic_units.append(unit(judged.gradient))
+        truth_units.append(unit(truth.gradient))
+    if len(critic_units) < len(OFFSETS):
+        rows.append(dict(reference=ref.name, step=k, sigma=sigma, skipped=True))
+        continue
+    row = dict(reference=ref.name, step=k, sigma=sigma,
+               single=[float(c @ t) for c, t in zip(critic_units, truth_units)])
+    for n in range(1, len(OFFSETS) + 1):
+        avg_c = torch.stack(critic_units[:n]).mean(0)
+        avg_t = torch.stack(truth_units[:n]).mean(0)
+        row[f"avg{n}_vs_truth0"] = float(unit(avg_c) @ truth_units[0])
+        row[f"avg{n}_vs_avgtruth"] = float(unit(avg_c) @ unit(avg_t))
+    row["truth_offsets_cos"] = float(truth_units[0] @ truth_units[1])
+    row["critic_offsets_cos"] = float(critic_units[0] @ critic_units[1])
+    rows.append(row)
+    print(ref.name, k, {key: round(v, 3) for key, v in row.items() if key.startswith("avg")}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 ok = [r for r in rows if not r.get("skipped")]
 print("estimates", len(ok))

@@ -25,8 +25,7 @@ from vlm3d_guidance.geometry import as_stock_export, decode_surface
 from vlm3d_guidance.guidance.step import backward_scaled
 from vlm3d_guidance.render import fit_to_points, render_views
 from vlm3d_guidance.toy.config import TOY_GUIDANCE, TOY_SAMPLING
-from vlm3d_guidance.toy.critic_training import recorded_estimates
-from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_meshes, part_pixel_weights
+from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_meshes, part_pixel_weights, unguided_estimates
 
 torch.set_num_threads(1)
 out, names = sys.argv[1], sys.argv[2:]
@@ -38,7 +37,6 @@ pipes = {n: toy.load_pipeline(weights=None if n == "shipped" else n) for n in na
 base = pipes[names[0]]
 vae = base.pipeline.vae
 refs = toy.references("test", count=16, seed=0)
-sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
 
 
 def smooth(speed, faces, steps):
@@ -62,47 +60,44 @@ def filtered(g, normals, faces, name):
 
 
 rows = []
-for seed, ref in enumerate(refs):
-    parts = part_meshes(ref.object)
-    with recorded_estimates(base.pipeline) as estimates:
-        base.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
-                      output_type="latent", **sampling)
-    for k in STEPS:
-        sigma, x0 = estimates[k]
-        leaf = x0.clone().requires_grad_(True)
+parts = {}  # reference name -> its part meshes (the part-weighted truth's)
+for ref, k, sigma, x0 in unguided_estimates(base, refs, STEPS):
+    if ref.name not in parts:
+        parts[ref.name] = part_meshes(ref.object)
+    leaf = x0.clone().requires_grad_(True)
+    with torch.enable_grad():
+        (verts, faces), = decode_surface(vae, leaf, resolution=cfg.grid_resolution, box_v=1.01, mc_level=0.0,
+                                         num_chunks=20000, coarse_to_fine=cfg.coarse_to_fine)
+    if faces.shape[0] == 0:
+        continue
+    placed = as_stock_export(verts.detach(), export, 1.01)
+    cams = fit_to_points(cfg.cameras(), placed, cfg.fill)
+    mesh = trimesh.Trimesh(placed.numpy(), faces.numpy(), process=False)
+    normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
+    plain = ReferenceViewReward.seen_by(ref, cams, cfg)
+    truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], cams, cfg))
+    rewards = {"truth": lambda im: truth.reward(im, ref.prompt)}
+    for n, p in pipes.items():
+        rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
+    latent = {}
+    for rname, fn in rewards.items():
+        v = placed.clone().requires_grad_(True)
         with torch.enable_grad():
-            (verts, faces), = decode_surface(vae, leaf, resolution=cfg.grid_resolution, box_v=1.01, mc_level=0.0,
-                                             num_chunks=20000, coarse_to_fine=cfg.coarse_to_fine)
-        if faces.shape[0] == 0:
-            continue
-        placed = as_stock_export(verts.detach(), export, 1.01)
-        cams = fit_to_points(cfg.cameras(), placed, cfg.fill)
-        mesh = trimesh.Trimesh(placed.numpy(), faces.numpy(), process=False)
-        normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
-        plain = ReferenceViewReward.seen_by(ref, cams, cfg)
-        truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, cams, cfg))
-        rewards = {"truth": lambda im: truth.reward(im, ref.prompt)}
-        for n, p in pipes.items():
-            rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
-        latent = {}
-        for rname, fn in rewards.items():
-            v = placed.clone().requires_grad_(True)
-            with torch.enable_grad():
-                images = render_views(v, faces, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
-                (g,) = torch.autograd.grad(fn(images), v)
-            # as_stock_export is affine (a uniform shrink towards -box_v): its vertex Jacobian is a scalar
-            shrink = float(export) / (export + 1)
-            for fname in FILTERS:
-                gv = filtered(g, normals, faces, fname) * shrink
-                gx = backward_scaled(verts, leaf, gv.to(verts.dtype), torch.float32, retain_graph=True)
-                latent[(rname, fname)] = gx.flatten()
-        cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
-        row = dict(reference=ref.name, step=k, sigma=sigma)
-        for rname in rewards:
-            for fname in FILTERS:
-                row[f"{rname}/{fname}"] = cos(latent[(rname, fname)], latent[("truth", "raw")])
-        rows.append(row)
-        print(ref.name, k, {key: round(v, 3) for key, v in row.items() if "/" in key}, flush=True)
+            images = render_views(v, faces, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
+            (g,) = torch.autograd.grad(fn(images), v)
+        # as_stock_export is affine (a uniform shrink towards -box_v): its vertex Jacobian is a scalar
+        shrink = float(export) / (export + 1)
+        for fname in FILTERS:
+            gv = filtered(g, normals, faces, fname) * shrink
+            gx = backward_scaled(verts, leaf, gv.to(verts.dtype), torch.float32, retain_graph=True)
+            latent[(rname, fname)] = gx.flatten()
+    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+    row = dict(reference=ref.name, step=k, sigma=sigma)
+    for rname in rewards:
+        for fname in FILTERS:
+            row[f"{rname}/{fname}"] = cos(latent[(rname, fname)], latent[("truth", "raw")])
+    rows.append(row)
+    print(ref.name, k, {key: round(v, 3) for key, v in row.items() if "/" in key}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 for key in [k for k in rows[0] if "/" in k]:
     vals = np.array([r[key] for r in rows])

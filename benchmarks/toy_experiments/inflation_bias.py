@@ -19,8 +19,7 @@ import trimesh
 from vlm3d_guidance import toy
 from vlm3d_guidance.render import fit_to_points, render_views
 from vlm3d_guidance.toy.config import TOY_GUIDANCE, TOY_SAMPLING
-from vlm3d_guidance.toy.critic_training import recorded_estimates
-from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_meshes, part_pixel_weights
+from vlm3d_guidance.toy.experiment import ReferenceViewReward, part_meshes, part_pixel_weights, unguided_estimates
 from vlm3d_guidance.toy.render_latent import latent_surface
 
 torch.set_num_threads(1)
@@ -30,7 +29,6 @@ cfg = TOY_GUIDANCE
 pipes = {n: toy.load_pipeline(weights=None if n == "shipped" else n) for n in names}
 base = pipes[names[0]]
 refs = toy.references("test", count=16, seed=0)
-sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
 
 
 def vertex_gradient(reward_fn, verts, faces, cams):
@@ -41,34 +39,31 @@ def vertex_gradient(reward_fn, verts, faces, cams):
 
 
 rows = []
-for seed, ref in enumerate(refs):
-    parts = part_meshes(ref.object)
-    with recorded_estimates(base.pipeline) as estimates:
-        base.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
-                      output_type="latent", **sampling)
-    for k in STEPS:
-        sigma, x0 = estimates[k]
-        surface = latent_surface(base.pipeline.vae, x0, cfg, TOY_SAMPLING["octree_resolution"])
-        if surface is None:
-            continue
-        verts, faces = surface
-        cams = fit_to_points(cfg.cameras(), verts, cfg.fill)
-        mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
-        normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
-        # marching cubes' winding: make the normals point outward (away from the centroid, on average)
-        if float(((verts - verts.mean(0)) * normals).sum()) < 0:
-            normals = -normals
-        row = dict(reference=ref.name, step=k, sigma=sigma)
-        plain = ReferenceViewReward.seen_by(ref, cams, cfg)
-        truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, cams, cfg))
-        rewards = {"truth (part-weighted)": lambda im: truth.reward(im, ref.prompt)}
-        for n, p in pipes.items():
-            rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
-        for name, fn in rewards.items():
-            g = vertex_gradient(fn, verts, faces, cams)
-            row[name] = float(torch.nn.functional.cosine_similarity(g.flatten(), normals.flatten(), dim=0))
-        rows.append(row)
-        print(ref.name, k, {n: round(row[n], 3) for n in rewards}, flush=True)
+parts = {}  # reference name -> its part meshes (the part-weighted truth's)
+for ref, k, sigma, x0 in unguided_estimates(base, refs, STEPS):
+    if ref.name not in parts:
+        parts[ref.name] = part_meshes(ref.object)
+    surface = latent_surface(base.pipeline.vae, x0, cfg, TOY_SAMPLING["octree_resolution"])
+    if surface is None:
+        continue
+    verts, faces = surface
+    cams = fit_to_points(cfg.cameras(), verts, cfg.fill)
+    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
+    normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
+    # marching cubes' winding: make the normals point outward (away from the centroid, on average)
+    if float(((verts - verts.mean(0)) * normals).sum()) < 0:
+        normals = -normals
+    row = dict(reference=ref.name, step=k, sigma=sigma)
+    plain = ReferenceViewReward.seen_by(ref, cams, cfg)
+    truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], cams, cfg))
+    rewards = {"truth (part-weighted)": lambda im: truth.reward(im, ref.prompt)}
+    for n, p in pipes.items():
+        rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
+    for name, fn in rewards.items():
+        g = vertex_gradient(fn, verts, faces, cams)
+        row[name] = float(torch.nn.functional.cosine_similarity(g.flatten(), normals.flatten(), dim=0))
+    rows.append(row)
+    print(ref.name, k, {n: round(row[n], 3) for n in rewards}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 for name in ["truth (part-weighted)"] + names:
     vals = np.array([r[name] for r in rows])

@@ -288,6 +288,35 @@ class NegatedCritic:
         return -self.critic.reward(images, prompt)
 
 
+def step_arguments(cfg, sampling: dict | None = None) -> dict:
+    """The keyword arguments of :func:`~vlm3d_guidance.guidance.step.reward_and_gradient` with which a
+    toy guided step judges a clean estimate (``cfg`` a :class:`~vlm3d_guidance.GuidanceConfig`,
+    ``sampling`` the call's hy3dgen arguments, default :data:`TOY_SAMPLING`), except ``cameras``
+    and ``fill``."""
+    sampling = TOY_SAMPLING if sampling is None else sampling
+    return dict(box_v=1.01, mc_level=0.0, grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
+                shading=cfg.shading, backend=cfg.backend, num_chunks=sampling.get("num_chunks", 20000),
+                seconds={}, coarse_to_fine=cfg.coarse_to_fine, export_resolution=sampling.get("octree_resolution"))
+
+
+def unguided_estimates(pipe, refs, steps, seeds=None, sampling: dict | None = None):
+    """Yield ``(reference, step, sigma, x0)`` for each reference and each of ``steps``: the clean-latent
+    estimate ``x0 [1, L, C]`` (a normal tensor, so it can take a gradient) of the stock hy3dgen
+    sampler's run from that reference (seed ``i`` for reference ``i`` unless ``seeds``; ``sampling``
+    default :data:`TOY_SAMPLING`). One run per reference, its estimates yielded in step order."""
+    from .critic_training import recorded_estimates
+
+    sampling = dict(TOY_SAMPLING if sampling is None else sampling)
+    seeds = list(range(len(refs))) if seeds is None else list(seeds)
+    for ref, seed in zip(refs, seeds):
+        with recorded_estimates(pipe.pipeline) as estimates:
+            pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
+                          output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
+        for k in steps:
+            sigma, x0 = estimates[k]
+            yield ref, k, sigma, x0.clone()  # recorded under hy3dgen's inference mode
+
+
 def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = None, critic_for=None) -> list:
     """Does the critic's gradient point where the truth's does? Cosines between latent gradients.
 
@@ -308,35 +337,28 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
         part-weighted truth, :func:`part_pixel_weights`) and ``reward`` (the critic's).
     """
     from ..guidance.step import reward_and_gradient
-    from .critic_training import recorded_estimates
 
     sampling = dict(TOY_SAMPLING if sampling is None else sampling)
-    seeds = list(range(len(refs))) if seeds is None else list(seeds)
     cfg = pipe.config
     cams = cfg.cameras()
-    common = dict(box_v=1.01, mc_level=0.0, grid_resolution=cfg.grid_resolution, render_size=cfg.render_size,
-                  shading=cfg.shading, backend=cfg.backend, num_chunks=sampling.get("num_chunks", 20000),
-                  seconds={}, coarse_to_fine=cfg.coarse_to_fine, export_resolution=sampling.get("octree_resolution"))
+    common = step_arguments(cfg, sampling)
     out = []
-    for ref, seed in zip(refs, seeds):
-        critic = pipe.critic if critic_for is None else critic_for(ref)
-        parts = part_meshes(ref.object)  # the part-weighted truth's meshes: the same at every step
-        with recorded_estimates(pipe.pipeline) as estimates:
-            pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
-                          output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
-        for k in steps:
-            sigma, x0 = estimates[k]
-            x0 = x0.clone()  # recorded under hy3dgen's inference mode: a normal tensor, so it can take a gradient
-            judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
-            cosines = dict(cosine=None, cosine_parts=None)
-            if judged.gradient is not None:
-                plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
-                weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
-                for key, knows in (("cosine", plain), ("cosine_parts", weighted)):
-                    truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None,
-                                                **common)
-                    if truth.gradient is not None:
-                        cosines[key] = float(torch.nn.functional.cosine_similarity(
-                            judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
-            out.append(dict(reference=ref.name, step=k, sigma=sigma, **cosines, reward=judged.reward))
+    critic, parts, current = None, None, None
+    for ref, k, sigma, x0 in unguided_estimates(pipe, refs, steps, seeds, sampling):
+        if ref is not current:
+            current = ref
+            critic = pipe.critic if critic_for is None else critic_for(ref)
+            parts = part_meshes(ref.object)  # the part-weighted truth's meshes: the same at every step
+        judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
+        cosines = dict(cosine=None, cosine_parts=None)
+        if judged.gradient is not None:
+            plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+            weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
+            for key, knows in (("cosine", plain), ("cosine_parts", weighted)):
+                truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None,
+                                            **common)
+                if truth.gradient is not None:
+                    cosines[key] = float(torch.nn.functional.cosine_similarity(
+                        judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
+        out.append(dict(reference=ref.name, step=k, sigma=sigma, **cosines, reward=judged.reward))
     return out
