@@ -61,28 +61,27 @@ cfg = pipe.config
 refs = toy.references("test", count=16, seed=0)
 common = step_arguments(cfg)  # as the toy guided step judges an estimate
 rows = []
-parts = {}  # reference name -> its part meshes (the part-weighted truth's)
-for ref, k, sigma, x0 in unguided_estimates(pipe, refs, STEPS):
-    seed = int(ref.name.split("-")[2])  # test-0-<i>-<class>: reference i, seed i
-    if ref.name not in parts:
-        parts[ref.name] = part_meshes(ref.object)
-    row = dict(reference=ref.name, step=k, sigma=sigma)
-    truth_g = None
-    for name, (count, noise, shift) in SETTINGS.items():
-        judge = AugmentedCritic(pipe.critic, count, noise, shift, seed=seed * 1000 + k)
-        judged = reward_and_gradient(x0.clone(), pipe.pipeline.vae, judge, ref.prompt, cfg.cameras(), fill=cfg.fill,
-                                     **common)
-        if judged.gradient is None:
-            break
-        if truth_g is None:
-            plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
-            weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], judged.cameras, cfg))
-            truth_g = reward_and_gradient(x0.clone(), pipe.pipeline.vae, weighted, ref.prompt, judged.cameras,
-                                          fill=None, **common).gradient
-        row[name] = float(torch.nn.functional.cosine_similarity(judged.gradient.flatten(), truth_g.flatten(), dim=0))
-    if len(row) == 3 + len(SETTINGS):
-        rows.append(row)
-        print(ref.name, k, {n: round(row[n], 3) for n in SETTINGS}, flush=True)
+for seed, (ref, estimates) in enumerate(unguided_estimates(pipe, refs, STEPS)):  # reference i runs with seed i
+    parts = part_meshes(ref.object)  # the part-weighted truth's meshes
+    for k, sigma, x0 in estimates:
+        row = dict(reference=ref.name, step=k, sigma=sigma)
+        truth_g = None
+        for name, (count, noise, shift) in SETTINGS.items():
+            judge = AugmentedCritic(pipe.critic, count, noise, shift, seed=seed * 1000 + k)
+            judged = reward_and_gradient(x0.clone(), pipe.pipeline.vae, judge, ref.prompt, cfg.cameras(), fill=cfg.fill,
+                                         **common)
+            if judged.gradient is None:
+                break
+            if truth_g is None:
+                plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+                weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
+                truth_g = reward_and_gradient(x0.clone(), pipe.pipeline.vae, weighted, ref.prompt, judged.cameras,
+                                              fill=None, **common).gradient
+            row[name] = float(torch.nn.functional.cosine_similarity(judged.gradient.flatten(), truth_g.flatten(),
+                                                                    dim=0))
+        if len(row) == 3 + len(SETTINGS):
+            rows.append(row)
+            print(ref.name, k, {n: round(row[n], 3) for n in SETTINGS}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 for name in SETTINGS:
     vals = np.array([r[name] for r in rows])

@@ -37,38 +37,37 @@ def unit(g):
 
 
 rows = []
-parts = {}  # reference name -> its part meshes (the part-weighted truth's)
-for ref, k, sigma, x0 in unguided_estimates(pipe, refs, STEPS):
-    if ref.name not in parts:
-        parts[ref.name] = part_meshes(ref.object)
-    critic_units, truth_units = [], []
-    for offset in OFFSETS:
-        cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01,
-                             azimuth_offset=offset)
-        judged = reward_and_gradient(x0, pipe.pipeline.vae, pipe.critic, ref.prompt, cams, fill=cfg.fill, **common)
-        if judged.gradient is None:
-            break
-        plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
-        weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], judged.cameras, cfg))
-        truth = reward_and_gradient(x0, pipe.pipeline.vae, weighted, ref.prompt, judged.cameras, fill=None, **common)
-        if truth.gradient is None:
-            break
-        critic_units.append(unit(judged.gradient))
-        truth_units.append(unit(truth.gradient))
-    if len(critic_units) < len(OFFSETS):
-        rows.append(dict(reference=ref.name, step=k, sigma=sigma, skipped=True))
-        continue
-    row = dict(reference=ref.name, step=k, sigma=sigma,
-               single=[float(c @ t) for c, t in zip(critic_units, truth_units)])
-    for n in range(1, len(OFFSETS) + 1):
-        avg_c = torch.stack(critic_units[:n]).mean(0)
-        avg_t = torch.stack(truth_units[:n]).mean(0)
-        row[f"avg{n}_vs_truth0"] = float(unit(avg_c) @ truth_units[0])
-        row[f"avg{n}_vs_avgtruth"] = float(unit(avg_c) @ unit(avg_t))
-    row["truth_offsets_cos"] = float(truth_units[0] @ truth_units[1])
-    row["critic_offsets_cos"] = float(critic_units[0] @ critic_units[1])
-    rows.append(row)
-    print(ref.name, k, {key: round(v, 3) for key, v in row.items() if key.startswith("avg")}, flush=True)
+for ref, estimates in unguided_estimates(pipe, refs, STEPS):
+    parts = part_meshes(ref.object)  # the part-weighted truth's meshes
+    for k, sigma, x0 in estimates:
+        critic_units, truth_units = [], []
+        for offset in OFFSETS:
+            cams = orbit_cameras(num_views=cfg.num_views, elevation=cfg.elevation, fov=cfg.fov, bounds=1.01,
+                                 azimuth_offset=offset)
+            judged = reward_and_gradient(x0, pipe.pipeline.vae, pipe.critic, ref.prompt, cams, fill=cfg.fill, **common)
+            if judged.gradient is None:
+                break
+            plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+            weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
+            truth = reward_and_gradient(x0, pipe.pipeline.vae, weighted, ref.prompt, judged.cameras, fill=None, **common)
+            if truth.gradient is None:
+                break
+            critic_units.append(unit(judged.gradient))
+            truth_units.append(unit(truth.gradient))
+        if len(critic_units) < len(OFFSETS):
+            rows.append(dict(reference=ref.name, step=k, sigma=sigma, skipped=True))
+            continue
+        row = dict(reference=ref.name, step=k, sigma=sigma,
+                   single=[float(c @ t) for c, t in zip(critic_units, truth_units)])
+        for n in range(1, len(OFFSETS) + 1):
+            avg_c = torch.stack(critic_units[:n]).mean(0)
+            avg_t = torch.stack(truth_units[:n]).mean(0)
+            row[f"avg{n}_vs_truth0"] = float(unit(avg_c) @ truth_units[0])
+            row[f"avg{n}_vs_avgtruth"] = float(unit(avg_c) @ unit(avg_t))
+        row["truth_offsets_cos"] = float(truth_units[0] @ truth_units[1])
+        row["critic_offsets_cos"] = float(critic_units[0] @ critic_units[1])
+        rows.append(row)
+        print(ref.name, k, {key: round(v, 3) for key, v in row.items() if key.startswith("avg")}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 ok = [r for r in rows if not r.get("skipped")]
 print("estimates", len(ok))

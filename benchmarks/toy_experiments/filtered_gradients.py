@@ -60,44 +60,43 @@ def filtered(g, normals, faces, name):
 
 
 rows = []
-parts = {}  # reference name -> its part meshes (the part-weighted truth's)
-for ref, k, sigma, x0 in unguided_estimates(base, refs, STEPS):
-    if ref.name not in parts:
-        parts[ref.name] = part_meshes(ref.object)
-    leaf = x0.clone().requires_grad_(True)
-    with torch.enable_grad():
-        (verts, faces), = decode_surface(vae, leaf, resolution=cfg.grid_resolution, box_v=1.01, mc_level=0.0,
-                                         num_chunks=20000, coarse_to_fine=cfg.coarse_to_fine)
-    if faces.shape[0] == 0:
-        continue
-    placed = as_stock_export(verts.detach(), export, 1.01)
-    cams = fit_to_points(cfg.cameras(), placed, cfg.fill)
-    mesh = trimesh.Trimesh(placed.numpy(), faces.numpy(), process=False)
-    normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
-    plain = ReferenceViewReward.seen_by(ref, cams, cfg)
-    truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], cams, cfg))
-    rewards = {"truth": lambda im: truth.reward(im, ref.prompt)}
-    for n, p in pipes.items():
-        rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
-    latent = {}
-    for rname, fn in rewards.items():
-        v = placed.clone().requires_grad_(True)
+for ref, estimates in unguided_estimates(base, refs, STEPS):
+    parts = part_meshes(ref.object)  # the part-weighted truth's meshes
+    for k, sigma, x0 in estimates:
+        leaf = x0.clone().requires_grad_(True)
         with torch.enable_grad():
-            images = render_views(v, faces, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
-            (g,) = torch.autograd.grad(fn(images), v)
-        # as_stock_export is affine (a uniform shrink towards -box_v): its vertex Jacobian is a scalar
-        shrink = float(export) / (export + 1)
-        for fname in FILTERS:
-            gv = filtered(g, normals, faces, fname) * shrink
-            gx = backward_scaled(verts, leaf, gv.to(verts.dtype), torch.float32, retain_graph=True)
-            latent[(rname, fname)] = gx.flatten()
-    cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
-    row = dict(reference=ref.name, step=k, sigma=sigma)
-    for rname in rewards:
-        for fname in FILTERS:
-            row[f"{rname}/{fname}"] = cos(latent[(rname, fname)], latent[("truth", "raw")])
-    rows.append(row)
-    print(ref.name, k, {key: round(v, 3) for key, v in row.items() if "/" in key}, flush=True)
+            (verts, faces), = decode_surface(vae, leaf, resolution=cfg.grid_resolution, box_v=1.01, mc_level=0.0,
+                                             num_chunks=20000, coarse_to_fine=cfg.coarse_to_fine)
+        if faces.shape[0] == 0:
+            continue
+        placed = as_stock_export(verts.detach(), export, 1.01)
+        cams = fit_to_points(cfg.cameras(), placed, cfg.fill)
+        mesh = trimesh.Trimesh(placed.numpy(), faces.numpy(), process=False)
+        normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
+        plain = ReferenceViewReward.seen_by(ref, cams, cfg)
+        truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, cams, cfg))
+        rewards = {"truth": lambda im: truth.reward(im, ref.prompt)}
+        for n, p in pipes.items():
+            rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
+        latent = {}
+        for rname, fn in rewards.items():
+            v = placed.clone().requires_grad_(True)
+            with torch.enable_grad():
+                images = render_views(v, faces, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend)
+                (g,) = torch.autograd.grad(fn(images), v)
+            # as_stock_export is affine (a uniform shrink towards -box_v): its vertex Jacobian is a scalar
+            shrink = float(export) / (export + 1)
+            for fname in FILTERS:
+                gv = filtered(g, normals, faces, fname) * shrink
+                gx = backward_scaled(verts, leaf, gv.to(verts.dtype), torch.float32, retain_graph=True)
+                latent[(rname, fname)] = gx.flatten()
+        cos = lambda a, b: float(torch.nn.functional.cosine_similarity(a, b, dim=0))  # noqa: E731
+        row = dict(reference=ref.name, step=k, sigma=sigma)
+        for rname in rewards:
+            for fname in FILTERS:
+                row[f"{rname}/{fname}"] = cos(latent[(rname, fname)], latent[("truth", "raw")])
+        rows.append(row)
+        print(ref.name, k, {key: round(v, 3) for key, v in row.items() if "/" in key}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 for key in [k for k in rows[0] if "/" in k]:
     vals = np.array([r[key] for r in rows])

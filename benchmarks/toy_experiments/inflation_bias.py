@@ -39,31 +39,30 @@ def vertex_gradient(reward_fn, verts, faces, cams):
 
 
 rows = []
-parts = {}  # reference name -> its part meshes (the part-weighted truth's)
-for ref, k, sigma, x0 in unguided_estimates(base, refs, STEPS):
-    if ref.name not in parts:
-        parts[ref.name] = part_meshes(ref.object)
-    surface = latent_surface(base.pipeline.vae, x0, cfg, TOY_SAMPLING["octree_resolution"])
-    if surface is None:
-        continue
-    verts, faces = surface
-    cams = fit_to_points(cfg.cameras(), verts, cfg.fill)
-    mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
-    normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
-    # marching cubes' winding: make the normals point outward (away from the centroid, on average)
-    if float(((verts - verts.mean(0)) * normals).sum()) < 0:
-        normals = -normals
-    row = dict(reference=ref.name, step=k, sigma=sigma)
-    plain = ReferenceViewReward.seen_by(ref, cams, cfg)
-    truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts[ref.name], cams, cfg))
-    rewards = {"truth (part-weighted)": lambda im: truth.reward(im, ref.prompt)}
-    for n, p in pipes.items():
-        rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
-    for name, fn in rewards.items():
-        g = vertex_gradient(fn, verts, faces, cams)
-        row[name] = float(torch.nn.functional.cosine_similarity(g.flatten(), normals.flatten(), dim=0))
-    rows.append(row)
-    print(ref.name, k, {n: round(row[n], 3) for n in rewards}, flush=True)
+for ref, estimates in unguided_estimates(base, refs, STEPS):
+    parts = part_meshes(ref.object)  # the part-weighted truth's meshes
+    for k, sigma, x0 in estimates:
+        surface = latent_surface(base.pipeline.vae, x0, cfg, TOY_SAMPLING["octree_resolution"])
+        if surface is None:
+            continue
+        verts, faces = surface
+        cams = fit_to_points(cfg.cameras(), verts, cfg.fill)
+        mesh = trimesh.Trimesh(verts.numpy(), faces.numpy(), process=False)
+        normals = torch.as_tensor(np.asarray(mesh.vertex_normals), dtype=torch.float32)
+        # marching cubes' winding: make the normals point outward (away from the centroid, on average)
+        if float(((verts - verts.mean(0)) * normals).sum()) < 0:
+            normals = -normals
+        row = dict(reference=ref.name, step=k, sigma=sigma)
+        plain = ReferenceViewReward.seen_by(ref, cams, cfg)
+        truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, cams, cfg))
+        rewards = {"truth (part-weighted)": lambda im: truth.reward(im, ref.prompt)}
+        for n, p in pipes.items():
+            rewards[n] = (lambda critic: (lambda im: critic.reward(im, ref.prompt)))(p.critic)
+        for name, fn in rewards.items():
+            g = vertex_gradient(fn, verts, faces, cams)
+            row[name] = float(torch.nn.functional.cosine_similarity(g.flatten(), normals.flatten(), dim=0))
+        rows.append(row)
+        print(ref.name, k, {n: round(row[n], 3) for n in rewards}, flush=True)
 json.dump(rows, open(out, "w"), indent=1)
 for name in ["truth (part-weighted)"] + names:
     vals = np.array([r[name] for r in rows])

@@ -300,10 +300,10 @@ def step_arguments(cfg, sampling: dict | None = None) -> dict:
 
 
 def unguided_estimates(pipe, refs, steps, seeds=None, sampling: dict | None = None):
-    """Yield ``(reference, step, sigma, x0)`` for each reference and each of ``steps``: the clean-latent
-    estimate ``x0 [1, L, C]`` (a normal tensor, so it can take a gradient) of the stock hy3dgen
-    sampler's run from that reference (seed ``i`` for reference ``i`` unless ``seeds``; ``sampling``
-    default :data:`TOY_SAMPLING`). One run per reference, its estimates yielded in step order."""
+    """Yield ``(reference, [(step, sigma, x0), ...])`` per reference: the clean-latent estimates
+    ``x0 [1, L, C]`` (normal tensors, so they can take a gradient) at each of ``steps``, in order, of
+    the stock hy3dgen sampler's run from that reference (seed ``i`` for reference ``i`` unless
+    ``seeds``; ``sampling`` default :data:`TOY_SAMPLING`)."""
     from .critic_training import recorded_estimates
 
     sampling = dict(TOY_SAMPLING if sampling is None else sampling)
@@ -312,9 +312,8 @@ def unguided_estimates(pipe, refs, steps, seeds=None, sampling: dict | None = No
         with recorded_estimates(pipe.pipeline) as estimates:
             pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
                           output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
-        for k in steps:
-            sigma, x0 = estimates[k]
-            yield ref, k, sigma, x0.clone()  # recorded under hy3dgen's inference mode
+        # cloned: recorded under hy3dgen's inference mode
+        yield ref, [(k, estimates[k][0], estimates[k][1].clone()) for k in steps]
 
 
 def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = None, critic_for=None) -> list:
@@ -343,22 +342,20 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
     cams = cfg.cameras()
     common = step_arguments(cfg, sampling)
     out = []
-    critic, parts, current = None, None, None
-    for ref, k, sigma, x0 in unguided_estimates(pipe, refs, steps, seeds, sampling):
-        if ref is not current:
-            current = ref
-            critic = pipe.critic if critic_for is None else critic_for(ref)
-            parts = part_meshes(ref.object)  # the part-weighted truth's meshes: the same at every step
-        judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
-        cosines = dict(cosine=None, cosine_parts=None)
-        if judged.gradient is not None:
-            plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
-            weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
-            for key, knows in (("cosine", plain), ("cosine_parts", weighted)):
-                truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None,
-                                            **common)
-                if truth.gradient is not None:
-                    cosines[key] = float(torch.nn.functional.cosine_similarity(
-                        judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
-        out.append(dict(reference=ref.name, step=k, sigma=sigma, **cosines, reward=judged.reward))
+    for ref, estimates in unguided_estimates(pipe, refs, steps, seeds, sampling):
+        critic = pipe.critic if critic_for is None else critic_for(ref)
+        parts = part_meshes(ref.object)  # the part-weighted truth's meshes: the same at every step
+        for k, sigma, x0 in estimates:
+            judged = reward_and_gradient(x0, pipe.pipeline.vae, critic, ref.prompt, cams, fill=cfg.fill, **common)
+            cosines = dict(cosine=None, cosine_parts=None)
+            if judged.gradient is not None:
+                plain = ReferenceViewReward.seen_by(ref, judged.cameras, cfg)
+                weighted = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, judged.cameras, cfg))
+                for key, knows in (("cosine", plain), ("cosine_parts", weighted)):
+                    truth = reward_and_gradient(x0, pipe.pipeline.vae, knows, ref.prompt, judged.cameras, fill=None,
+                                                **common)
+                    if truth.gradient is not None:
+                        cosines[key] = float(torch.nn.functional.cosine_similarity(
+                            judged.gradient.flatten(), truth.gradient.flatten(), dim=0))
+            out.append(dict(reference=ref.name, step=k, sigma=sigma, **cosines, reward=judged.reward))
     return out
