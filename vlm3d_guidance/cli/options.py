@@ -85,7 +85,7 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
                         f"miss a piece thinner than two cells) ({dflt('coarse_to_fine')})")
     g.add_argument("--rotate-views", dest="rotate_views", action=argparse.BooleanOptionalAction,
                    help="turn the critic's orbit by a new azimuth at every guided step (golden-ratio "
-                        "sequence over one view spacing), so the gradient's view-specific part averages "
+                        "sequence over one view spacing), so the gradient's view-specific part can average "
                         f"out over the run ({dflt('rotate_views')})")
 
     g = parser.add_argument_group("devices")
