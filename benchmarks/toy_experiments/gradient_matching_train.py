@@ -7,7 +7,10 @@ loss = 1 - cos(gv, t_verts) + w_keep * (r - r_orig)^2 (keep the verdicts the shi
 (An image-space first version, cos(g * mask, (T - V) * mask), was tried on 2 objects only.)
 Usage: THREADS=2 [INIT=CRITIC_FOLDER] python gradient_matching_train.py DATA[,DATA2] OUT EPOCHS LR [w_keep]
 (INIT: start from that critic's weights, e.g. a previous OUT, instead of the shipped critic's; the
-keep term then anchors to its rewards.)"""
+keep term then anchors to its rewards. CLASS_REPEAT="table=2,mug=2": those classes' training samples appear that
+many times per epoch; the held-out split is unchanged. RENDER_SIZE=280: render at that size (data from
+gradient_matching_size_prep.py at the same size). HELD_FROM=280: draw the held-out objects from range(280),
+as a run over all 280 objects does, so a run on some classes holds out the same objects.)"""
 import sys, time, math, numpy as np, torch, torch.nn.functional as F
 torch.set_num_threads(int(__import__('os').environ.get('THREADS', '1')))
 from vlm3d_guidance.critic import VLMCritic
@@ -16,10 +19,13 @@ paths, out, epochs, lr = sys.argv[1].split(','), sys.argv[2], int(sys.argv[3]), 
 w_keep = float(sys.argv[5]) if len(sys.argv) > 5 else 0.05
 rows = [r for p in paths for r in torch.load(p, weights_only=False)]
 objs = sorted({r['i'] for r in rows})
+split_objs = list(range(int(__import__('os').environ['HELD_FROM']))) if __import__('os').environ.get('HELD_FROM') else objs
 rng = np.random.default_rng(0)
-held_objs = set(rng.permutation(objs)[: max(1, len(objs) // 10)].tolist())
+held_objs = set(rng.permutation(split_objs)[: max(1, len(split_objs) // 10)].tolist())
 train = [k for k, r in enumerate(rows) if r['i'] not in held_objs]
 held = [k for k, r in enumerate(rows) if r['i'] in held_objs]
+repeat = {c: int(n) for c, n in (kv.split('=') for kv in __import__('os').environ.get('CLASS_REPEAT', '').split(',') if kv)}
+train = [k for k in train for _ in range(repeat.get(rows[k]['cls'], 1))]
 print(f"{len(rows)} samples of {len(objs)} objects; train {len(train)}, held {len(held)} ({len(held_objs)} objects)", flush=True)
 critic = VLMCritic.from_pretrained(str(WEIGHTS_DIR / CRITIC_FOLDER), device="cpu", dtype="float32", attn_implementation="eager")
 if __import__('os').environ.get('INIT'):  # the model weights of a previous run (the processor files are the shipped ones)
@@ -30,11 +36,12 @@ model = critic.model
 
 from vlm3d_guidance.render import render_views
 from vlm3d_guidance.toy import TOY_GUIDANCE as cfg
+size = int(__import__('os').environ.get('RENDER_SIZE', cfg.render_size))
 def grad_cos(r, create_graph):
     """cosine, in vertex space, of the critic's gradient pulled back through the render with the truth's"""
     v = r['verts'].clone().requires_grad_(True)
     with torch.enable_grad():
-        V = render_views(v, r['faces'], r['cams'], size=cfg.render_size, shading=cfg.shading, backend=cfg.backend).clamp(0, 1)
+        V = render_views(v, r['faces'], r['cams'], size=size, shading=cfg.shading, backend=cfg.backend).clamp(0, 1)
         Vd = V.detach().requires_grad_(True)
         rew = critic.reward(Vd, r['prompt'])
         g, = torch.autograd.grad(rew, Vd, create_graph=create_graph)
@@ -51,9 +58,11 @@ print(f"original rewards ({time.perf_counter() - t0:.0f} s)", flush=True)
 def evaluate(idx):
     cs = [float(grad_cos(rows[k], False)[1].detach()) for k in idx]
     cs = np.array(cs)
-    by_step = {}
+    by_step, by_cls = {}, {}
     for k, c in zip(idx, cs):
         by_step.setdefault(rows[k]['step'], []).append(c)
+        by_cls.setdefault(rows[k]['cls'], []).append(c)
+    print("  held-out by class", {s: round(float(np.mean(v)), 3) for s, v in sorted(by_cls.items())}, flush=True)
     return float(cs.mean()), float((cs > 0).mean()), {s: round(float(np.mean(v)), 3) for s, v in sorted(by_step.items())}
 
 m, p, bs = evaluate(held)
