@@ -8,6 +8,7 @@ import sys, time, dataclasses, torch
 torch.set_num_threads(1)
 from vlm3d_guidance import toy
 from vlm3d_guidance.toy.render_latent import latent_surface
+from vlm3d_guidance.toy.experiment import part_pixel_weights
 from vlm3d_guidance.toy.train import critic_shapes
 from vlm3d_guidance.toy.references import sdf_grid, BOX_V, _mesh_tensors
 from vlm3d_guidance.geometry import marching_cubes
@@ -29,23 +30,13 @@ def meshes_of(i):
         cache[i] = f32(_mesh_tensors(obj)), [f32(marching_cubes(sdf_grid(p, 96), bounds=(-BOX_V, BOX_V))) for p in obj.parts]
     return cache[i]
 render = lambda v, f, cams, shading=cfg.shading: render_views(v, f, cams, size=size, shading=shading, backend=cfg.backend)
-def part_weights(parts, cams):
-    """[4, 1, S, S] each truth pixel's part's inverse pixel area (largest part 1, capped at 20; background 1)"""
-    with torch.no_grad():
-        sil = [render(v, f, cams, "silhouette")[:, :1].clamp(0, 1) for v, f in parts]
-    areas = torch.stack([s.sum() for s in sil])
-    rel = (areas.max() / areas.clamp_min(1.0)).clamp(max=20.0)
-    w = torch.ones_like(sil[0])
-    for s, r in zip(sil, rel):
-        w = torch.maximum(w, s * r)
-    return w
 t0 = time.perf_counter()
 out = []
 for n, r in enumerate(rows):
     verts, faces = latent_surface(pipe.pipeline.vae, r['x0'].float(), cfg, 64)
     cams = fit_to_points(cfg.cameras(1.01), verts, cfg.fill)
     (tv, tf), parts = meshes_of(r['i'])
-    w = part_weights(parts, cams)
+    w = part_pixel_weights(parts, cams, cfg)  # the parts at 96^3, as gradient_matching_parts_prep.py
     with torch.no_grad():
         T = render(tv, tf, cams).clamp(0, 1)
     v = verts.clone().requires_grad_(True)
