@@ -26,7 +26,7 @@ def test_manifest_lists_every_shipped_file_with_its_hash():
     assert set(manifest["files"]) == files
     assert manifest["total_bytes"] <= 25e6
     assert manifest["command"].startswith("python -m vlm3d_guidance.toy.train")
-    assert manifest["total_wall_seconds"] <= 90 * 60
+    assert manifest["total_wall_seconds"] <= 90 * 60  # toy.train: the generator and the base critic
     assert {"generator_objects", "critic_objects", "critic_samples"} <= set(manifest["data"])
     # the shipped weights were made by the training script's current default sizes (options added
     # since, absent from the manifest, must be off by default)
@@ -34,6 +34,14 @@ def test_manifest_lists_every_shipped_file_with_its_hash():
 
     assert {k: SIZES.get(k) for k in manifest["sizes"]} == manifest["sizes"]
     assert SIZES["critic_rollouts"] == manifest["sizes"].get("critic_rollouts", 0)
+
+
+@pytest.mark.xfail(strict=True, reason="the matched critic's recipe (gradient matching, ~3.6 h measured) takes the "
+                   "shipped weights past the issue's 90-minute budget; see the manifest's 'matching' entry")
+def test_every_shipped_weight_is_reproduced_within_90_minutes():
+    manifest = verify_weights()
+    total = manifest["total_wall_seconds"] + manifest.get("matching", {}).get("total_wall_seconds", 0.0)
+    assert total <= 90 * 60, f"{total:.0f} s"
 
 
 def test_cli_toy_defaults_are_the_toys_own():
@@ -79,13 +87,11 @@ def test_generator_is_hy3dgens_own_pipeline_and_lam0_is_its_stock_call(pipe):
     assert GENERATOR_MODEL_PATH.startswith("vlm3d-toy/")
 
 
-# The shipped toy world (v3) misses its guidance target (benchmarks/RESULTS.md, "toy world v3"): its
-# generator draws every table wrong whatever the data's breakage (legs and top misplaced), and its
-# critic is blind on mugs (held-out balanced accuracy 0.50: the same reward for every mug) and weak on
-# tables, so guidance has nothing to steer by where the failures are. The test below states what the
-# toy world must show; it is a strict xfail, so a toy world that meets it fails CI until it is turned
-# back into a plain test.
-MISSED = pytest.mark.xfail(strict=True, reason="toy world v3.1 misses its guidance target at lam 0.05 and 0.02 (see RESULTS.md, toy world v3.1)")
+# The claim on a fixed subset: the first SUBSET test references, unguided vs the toy defaults (the
+# matched critic, lam 0.02), same seeds. Measured with the shipped weights: unguided 2/5 failed (both
+# tables), IoU 0.676; guided 1/5 (the tables repaired, the mug's handle lost), IoU 0.661. On the 64 main
+# references the reduction is 27 -> 19 failures (benchmarks/RESULTS.md), short of the target
+# (at most a third of the unguided rate): the test below asserts the reduction, the target is tracked there.
 
 
 def test_the_critic_tells_intact_from_broken_on_exported_meshes(pipe):
@@ -116,7 +122,6 @@ def test_the_critic_tells_intact_from_broken_on_exported_meshes(pipe):
     assert wins >= total - 1, f"intact scored above broken in {wins}/{total}"
 
 
-@MISSED
 def test_guidance_reduces_failures(pipe):
     refs = toy.references("test", count=SUBSET, seed=0)
     unguided = summarize(run_condition(pipe, refs, "unguided", dict(lam=0.0)))

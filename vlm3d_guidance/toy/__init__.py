@@ -30,7 +30,7 @@ __all__ = ["TOY_GUIDANCE", "TOY_SAMPLING", "CLASSES", "DESCRIPTIONS", "Reference
            "hidden_handle_references", "load_pipeline"]
 
 
-def load_pipeline(device: str = "cpu", weights=None, config=None):
+def load_pipeline(device: str = "cpu", weights=None, config=None, critic: str | None = None):
     """The toy generator and critic as a :class:`~vlm3d_guidance.GuidedHunyuanPipeline`.
 
     Args:
@@ -38,17 +38,30 @@ def load_pipeline(device: str = "cpu", weights=None, config=None):
         weights: folder of the weights (default: the ones shipped in the package); every file is
             checked against the manifest's sha256 before anything is built.
         config: guidance defaults (default :data:`TOY_GUIDANCE`).
+        critic: ``"matched"`` (the critic fine-tuned by
+            :mod:`~vlm3d_guidance.toy.gradient_matching` so its gradient points where the truth's
+            does; the default when the weights have it) or ``"base"`` (the classifier
+            :mod:`~vlm3d_guidance.toy.train` makes, which the matched one starts from).
 
     Call it with :data:`TOY_SAMPLING` (25 steps, a 64^3 export) for the toy's intended speed:
     ``pipe(image=..., prompt=..., **toy.TOY_SAMPLING)``.
     """
-    from ..critic import VLMCritic
-    from ..pipeline import GuidedHunyuanPipeline
-    from .models import CRITIC_FOLDER, WEIGHTS_DIR, load_generator, verify_weights
     from pathlib import Path
 
+    from ..critic import VLMCritic
+    from ..pipeline import GuidedHunyuanPipeline
+    from .gradient_matching import MATCHED_FOLDER
+    from .models import CRITIC_FOLDER, WEIGHTS_DIR, load_generator, verify_weights
+
+    if critic not in (None, "matched", "base"):
+        raise ValueError(f"critic={critic!r}: use 'matched' (the default when shipped) or 'base'")
     root = Path(weights) if weights is not None else WEIGHTS_DIR
-    verify_weights(root)
+    manifest = verify_weights(root)
+    has_matched = any(rel.startswith(MATCHED_FOLDER + "/") for rel in manifest["files"])
+    if critic == "matched" and not has_matched:
+        raise FileNotFoundError(f"no matched critic in {root}; make it with "
+                                "`python -m vlm3d_guidance.toy.gradient_matching --weights ...` or use critic='base'")
+    folder = MATCHED_FOLDER if critic == "matched" or (critic is None and has_matched) else CRITIC_FOLDER
     generator = load_generator(root, device=device)
-    critic = VLMCritic.from_pretrained(str(root / CRITIC_FOLDER), device=device, dtype="float32")
-    return GuidedHunyuanPipeline(pipeline=generator, critic=critic, config=config or TOY_GUIDANCE)
+    vlm = VLMCritic.from_pretrained(str(root / folder), device=device, dtype="float32")
+    return GuidedHunyuanPipeline(pipeline=generator, critic=vlm, config=config or TOY_GUIDANCE)
