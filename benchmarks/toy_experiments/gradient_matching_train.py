@@ -5,13 +5,14 @@ of the rendered views, its image gradient g = dr/dV (create_graph, eager attenti
 backward on CPU), pulled back through the render to the vertices, gv = J_render^T g;
 loss = 1 - cos(gv, t_verts) + w_keep * (r - r_orig)^2 (keep the verdicts the shipped critic gives).
 (An image-space first version, cos(g * mask, (T - V) * mask), was tried on 2 objects only.)
+(The shipped recipe is vlm3d_guidance.toy.gradient_matching: the same loss, phases and split in one command.)
 Usage: THREADS=2 [INIT=CRITIC_FOLDER] python gradient_matching_train.py DATA[,DATA2] OUT EPOCHS LR [w_keep]
 (INIT: start from that critic's weights, e.g. a previous OUT, instead of the shipped critic's; the
 keep term then anchors to its rewards. CLASS_REPEAT="table=2,mug=2": those classes' training samples appear that
 many times per epoch; the held-out split is unchanged. RENDER_SIZE=280: render at that size (data from
 gradient_matching_size_prep.py at the same size). HELD_FROM=280: draw the held-out objects from range(280),
 as a run over all 280 objects does, so a run on some classes holds out the same objects.)"""
-import sys, time, math, numpy as np, torch, torch.nn.functional as F
+import sys, time, math, numpy as np, torch
 torch.set_num_threads(int(__import__('os').environ.get('THREADS', '1')))
 from vlm3d_guidance.critic import VLMCritic
 from vlm3d_guidance.toy.models import WEIGHTS_DIR, CRITIC_FOLDER
@@ -34,19 +35,15 @@ if __import__('os').environ.get('INIT'):  # the model weights of a previous run 
         __import__('os').environ['INIT'], torch_dtype=torch.float32, attn_implementation="eager"), critic.processor)
 model = critic.model
 
-from vlm3d_guidance.render import render_views
-from vlm3d_guidance.toy import TOY_GUIDANCE as cfg
-size = int(__import__('os').environ.get('RENDER_SIZE', cfg.render_size))
+import dataclasses
+from vlm3d_guidance.toy import TOY_GUIDANCE
+from vlm3d_guidance.toy.gradient_matching import matching_cosine
+size = int(__import__('os').environ.get('RENDER_SIZE', TOY_GUIDANCE.render_size))
+cfg = dataclasses.replace(TOY_GUIDANCE, render_size=size)
 def grad_cos(r, create_graph):
-    """cosine, in vertex space, of the critic's gradient pulled back through the render with the truth's"""
-    v = r['verts'].clone().requires_grad_(True)
-    with torch.enable_grad():
-        V = render_views(v, r['faces'], r['cams'], size=size, shading=cfg.shading, backend=cfg.backend).clamp(0, 1)
-        Vd = V.detach().requires_grad_(True)
-        rew = critic.reward(Vd, r['prompt'])
-        g, = torch.autograd.grad(rew, Vd, create_graph=create_graph)
-        gv, = torch.autograd.grad(V, v, grad_outputs=g, create_graph=create_graph)
-    return rew, F.cosine_similarity(gv.flatten(), r['t_verts'].flatten(), dim=0)
+    """cosine, in vertex space, of the critic's gradient pulled back through the render with the truth's
+    (the package's matching_cosine since it was added; the measured runs had the same lines inline)"""
+    return matching_cosine(critic, r, cfg, create_graph)
 
 orig = {}
 t0 = time.perf_counter()

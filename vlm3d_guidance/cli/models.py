@@ -144,7 +144,7 @@ def check_models(s: dict) -> dict:
             verify_weights()
         except (FileNotFoundError, ValueError) as exc:
             raise UsageError(str(exc)) from None
-        return dict(hunyuan="built-in toy generator (trained)", critic="built-in toy critic (trained)")
+        return dict(hunyuan="built-in toy generator (trained)", critic="built-in toy critic (trained, then gradient-matched)")
     from ..model_routing import import_hy3dshape_pipeline, model_package
 
     hunyuan = check_hunyuan(s["model_path"], s["subfolder"])  # reports a missing model or network first

@@ -59,7 +59,7 @@ TINY_DEFAULTS = dict(steps=8, octree_resolution=64, grid_resolution=32, render_s
 TOY_DEFAULTS = dict(steps=25, guidance_scale=5.0, lam=0.02, octree_resolution=64, grid_resolution=32,
                     coarse_to_fine=False, render_size=140, views=4, backend="torch", num_chunks=20000,
                     device="cpu", critic_device=None, sheet_size=140)
-TOY_MODEL_PATH, TOY_SUBFOLDER, TOY_CRITIC = "vlm3d-toy/Hunyuan3D-toy", "hunyuan3d-dit-toy", "toy:critic"
+TOY_MODEL_PATH, TOY_SUBFOLDER, TOY_CRITIC = "vlm3d-toy/Hunyuan3D-toy", "hunyuan3d-dit-toy", "toy:critic-matched"
 TOY_NOTICE = (f"{PROG}: --toy: the trained toy world (a small Hunyuan3D generator that often breaks parts, "
               "and a small Qwen2.5-VL critic trained to spot it); its shapes are tables, mugs, cups and lamps.")
 TINY_MODEL_PATH, TINY_SUBFOLDER, TINY_CRITIC = "vlm3d-tiny/Hunyuan3D-2", "hunyuan3d-dit-v2-0", "tiny:qwen2_5_vl"

@@ -7,8 +7,10 @@ hy3dgen's ``from_pretrained`` from the published layout; the critic is transform
 trained by :mod:`vlm3d_guidance.toy.train` (shipped weights, manifest with hashes). The generator
 was trained on pairs where ~30 % of the targets are broken (a part floating or missing), so
 unguided it produces broken shapes at a measurable rate; the critic was trained to answer the
-default dual query. Whether guidance helps is judged by :func:`judge`, which looks only at the
-exported mesh.
+default dual query, then fine-tuned by :mod:`vlm3d_guidance.toy.gradient_matching` so that its
+reward's gradient points where the intact truth's does (the base critic is kept beside it:
+``load_pipeline(critic="base")``). Whether guidance helps is judged by :func:`judge`, which looks
+only at the exported mesh.
 
 Public API::
 

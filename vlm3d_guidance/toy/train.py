@@ -41,6 +41,9 @@ Stages (each cached in ``--work``, so a later stage can be rerun alone with ``--
 8. ``export``: the weights in the published layouts plus ``manifest.json`` (sha256 of every file,
    command, seeds, data sizes, wall times).
 
+The critic this makes is the base critic (``critic/``); ``python -m vlm3d_guidance.toy.gradient_matching``
+then refines it into the matched critic the toy guides with (``critic-matched/``).
+
 ``--to-stage`` stops after a stage (the cache lets a later call go on with ``--from-stage``; the
 manifest's wall times are the sum of the stages' own measured times). Runs on ``--threads``
 torch threads (default 1); the measured wall time is written to the manifest.
