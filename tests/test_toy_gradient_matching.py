@@ -93,12 +93,26 @@ def test_a_phase_of_matching_raises_the_training_samples_cosine(samples):
     assert not any(p.requires_grad for p in critic.model.parameters())
 
 
+def test_a_non_finite_sample_is_skipped_reported_and_survived(samples):
+    """A sample whose target is NaN (a degenerate estimate) gives a NaN loss: it is left out of the
+    step, the epoch's log names its object, and the weights stay finite."""
+    critic = base_critic()
+    broken = [dict(s) for s in samples]
+    broken[0] = dict(broken[0], t_verts=torch.full_like(broken[0]["t_verts"], float("nan")))
+    lines = []
+    sizes = dict(gm.MATCHING, lr=1e-3, batch=2, held_share=0.34)
+    gm.train_phase(critic, broken, dict(epochs=1), sizes, CFG, log=lines.append)
+    assert all(bool(torch.isfinite(p).all()) for p in critic.model.parameters())
+    assert "skipped 1 non-finite samples (objects [0])" in lines[-1], lines[-1]
+    assert np.isfinite(float(gm.matching_cosine(critic, samples[1], CFG)[1]))
+
+
 def test_command_quick_run_adds_a_loadable_matched_critic(tmp_path):
     weights = tmp_path / "weights"
     shutil.copytree(models.WEIGHTS_DIR, weights)
-    shutil.rmtree(weights / gm.MATCHED_FOLDER)  # as toy.train leaves it: base critic only
+    shutil.rmtree(weights / models.MATCHED_CRITIC_FOLDER)  # as toy.train leaves it: base critic only
     manifest = json.loads((weights / models.MANIFEST).read_text())
-    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(gm.MATCHED_FOLDER + "/")}
+    manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(models.MATCHED_CRITIC_FOLDER + "/")}
     manifest.pop("matching")
     (weights / models.MANIFEST).write_text(json.dumps(manifest))
     base = toy.load_pipeline(weights=weights)
@@ -107,8 +121,8 @@ def test_command_quick_run_adds_a_loadable_matched_critic(tmp_path):
 
     assert gm.main(["--quick", "--weights", str(weights), "--work", str(tmp_path / "work")]) == 0
     manifest = models.verify_weights(weights)  # every file, the new ones included, against its hash
-    assert {k for k in manifest["files"] if k.startswith(gm.MATCHED_FOLDER + "/")} >= {
-        f"{gm.MATCHED_FOLDER}/model.safetensors", f"{gm.MATCHED_FOLDER}/config.json", f"{gm.MATCHED_FOLDER}/tokenizer.json"}
+    assert {k for k in manifest["files"] if k.startswith(models.MATCHED_CRITIC_FOLDER + "/")} >= {
+        f"{models.MATCHED_CRITIC_FOLDER}/model.safetensors", f"{models.MATCHED_CRITIC_FOLDER}/config.json", f"{models.MATCHED_CRITIC_FOLDER}/tokenizer.json"}
     assert manifest["matching"]["command"] == "python -m vlm3d_guidance.toy.gradient_matching --quick"
     assert manifest["matching"]["samples"] == 6 and len(manifest["matching"]["held_out_cosine"]) == 2
     matched = toy.load_pipeline(weights=weights)  # the matched critic by default once there
@@ -121,10 +135,10 @@ def test_command_quick_run_adds_a_loadable_matched_critic(tmp_path):
 def test_the_toy_loads_the_shipped_matched_critic_by_default():
     manifest = models.verify_weights()
     assert manifest["matching"]["command"].startswith("python -m vlm3d_guidance.toy.gradient_matching")
-    stored = {f: load_file(str(models.WEIGHTS_DIR / f / "model.safetensors")) for f in (gm.MATCHED_FOLDER, models.CRITIC_FOLDER)}
+    stored = {f: load_file(str(models.WEIGHTS_DIR / f / "model.safetensors")) for f in (models.MATCHED_CRITIC_FOLDER, models.CRITIC_FOLDER)}
     key = "model.layers.0.mlp.down_proj.weight"  # on disk; in memory transformers names it model.language_model.layers...
-    assert not torch.equal(stored[gm.MATCHED_FOLDER][key], stored[models.CRITIC_FOLDER][key])
-    for critic, folder in ((None, gm.MATCHED_FOLDER), ("matched", gm.MATCHED_FOLDER), ("base", models.CRITIC_FOLDER)):
+    assert not torch.equal(stored[models.MATCHED_CRITIC_FOLDER][key], stored[models.CRITIC_FOLDER][key])
+    for critic, folder in ((None, models.MATCHED_CRITIC_FOLDER), ("matched", models.MATCHED_CRITIC_FOLDER), ("base", models.CRITIC_FOLDER)):
         loaded = toy.load_pipeline(critic=critic).critic.model.state_dict()["model.language_model.layers.0.mlp.down_proj.weight"]
         assert torch.equal(loaded, stored[folder][key]), (critic, folder)
     with pytest.raises(ValueError, match="use 'matched'"):

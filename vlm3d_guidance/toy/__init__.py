@@ -52,18 +52,17 @@ def load_pipeline(device: str = "cpu", weights=None, config=None, critic: str | 
 
     from ..critic import VLMCritic
     from ..pipeline import GuidedHunyuanPipeline
-    from .gradient_matching import MATCHED_FOLDER
-    from .models import CRITIC_FOLDER, WEIGHTS_DIR, load_generator, verify_weights
+    from .models import CRITIC_FOLDER, MATCHED_CRITIC_FOLDER, WEIGHTS_DIR, load_generator, verify_weights
 
     if critic not in (None, "matched", "base"):
         raise ValueError(f"critic={critic!r}: use 'matched' (the default when shipped) or 'base'")
     root = Path(weights) if weights is not None else WEIGHTS_DIR
     manifest = verify_weights(root)
-    has_matched = any(rel.startswith(MATCHED_FOLDER + "/") for rel in manifest["files"])
+    has_matched = any(rel.startswith(MATCHED_CRITIC_FOLDER + "/") for rel in manifest["files"])
     if critic == "matched" and not has_matched:
         raise FileNotFoundError(f"no matched critic in {root}; make it with "
                                 "`python -m vlm3d_guidance.toy.gradient_matching --weights ...` or use critic='base'")
-    folder = MATCHED_FOLDER if critic == "matched" or (critic is None and has_matched) else CRITIC_FOLDER
+    folder = MATCHED_CRITIC_FOLDER if critic == "matched" or (critic is None and has_matched) else CRITIC_FOLDER
     generator = load_generator(root, device=device)
     vlm = VLMCritic.from_pretrained(str(root / folder), device=device, dtype="float32")
     return GuidedHunyuanPipeline(pipeline=generator, critic=vlm, config=config or TOY_GUIDANCE)

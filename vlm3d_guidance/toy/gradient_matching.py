@@ -44,9 +44,6 @@ import torch.nn.functional as F
 
 from . import models
 
-MATCHED_FOLDER = "critic-matched"
-ROLLOUT_SEED = 100_000  # the sampling run of critic object i uses seed ROLLOUT_SEED + i (as toy.train's)
-
 #: the shipped matched critic's recipe: 280 critic-split objects, 9 estimates each (2,520 samples),
 #: three phases (the last shows tables' and mugs' samples twice per epoch: the classes that fail)
 MATCHING = dict(objects=280, steps=[2, 5, 7, 10, 12, 15, 17, 20, 22], lr=1e-4, w_keep=0.05, batch=8,
@@ -97,6 +94,7 @@ def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, st
     from .critic_training import recorded_estimates
     from .experiment import part_meshes
     from .references import _mesh_tensors, render_reference
+    from .train import ROLLOUT_SEED  # the critic-data rollouts' seeds: object i samples with ROLLOUT_SEED + i
 
     rows, t0 = [], time.perf_counter()
     for j, (obj, _) in enumerate(shapes):
@@ -180,23 +178,31 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
     t0 = time.perf_counter()
     for epoch in range(phase["epochs"]):
         rng.shuffle(train)
-        cosines = []
+        cosines, skipped = [], []
         for b0 in range(0, len(train), sizes["batch"]):
             chunk = train[b0:b0 + sizes["batch"]]
             opt.zero_grad(set_to_none=True)
             for k in chunk:
                 reward, cos = matching_cosine(critic, samples[k], cfg, create_graph=True)
                 loss = ((1 - cos) + sizes["w_keep"] * (reward - start_reward[k]) ** 2) / len(chunk)
+                if not torch.isfinite(loss):  # a degenerate sample must not poison the weights: skip it, say so
+                    skipped.append(k)
+                    continue
                 loss.backward()
                 cosines.append(float(cos.detach()))
+            grads_finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in model.parameters())
+            if not grads_finite:
+                skipped.extend(chunk)
+                opt.zero_grad(set_to_none=True)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             schedule.step()
         model.eval()
         history.append(held_out_cosine(critic, samples, held, cfg))
         model.train()
-        log(f"  epoch {epoch}: train cos {np.mean(cosines):+.3f}; held out {history[-1]} "
-            f"({time.perf_counter() - t0:.0f} s)")
+        note = f"; skipped {len(skipped)} non-finite samples (objects {sorted({samples[k]['i'] for k in skipped})})" if skipped else ""
+        log(f"  epoch {epoch}: train cos {np.mean(cosines) if cosines else float('nan'):+.3f}; held out {history[-1]} "
+            f"({time.perf_counter() - t0:.0f} s){note}")
     model.requires_grad_(False)
     model.eval()
     return history
@@ -245,10 +251,10 @@ def main(argv=None) -> int:
         t = time.perf_counter()
         history.append(train_phase(critic, samples, phase, sizes, TOY_GUIDANCE, log))
         times[f"phase_{n}"] = time.perf_counter() - t
-    staging = work / MATCHED_FOLDER
+    staging = work / models.MATCHED_CRITIC_FOLDER
     shutil.rmtree(staging, ignore_errors=True)
     models.save_critic(staging, critic.model)
-    target = weights / MATCHED_FOLDER
+    target = weights / models.MATCHED_CRITIC_FOLDER
     shutil.rmtree(target, ignore_errors=True)
     shutil.move(str(staging), str(target))
     for p in sorted(target.rglob("*")):

@@ -24,7 +24,8 @@ from pathlib import Path
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 GENERATOR_MODEL_PATH = "vlm3d-toy/Hunyuan3D-toy"
 GENERATOR_SUBFOLDER = "hunyuan3d-dit-toy"
-CRITIC_FOLDER = "critic"
+CRITIC_FOLDER = "critic"  # the base critic toy.train makes
+MATCHED_CRITIC_FOLDER = "critic-matched"  # the same, fine-tuned by toy.gradient_matching (the one the toy guides with)
 MANIFEST = "manifest.json"
 
 DINO = dict(hidden_size=96, num_hidden_layers=3, num_attention_heads=2, intermediate_size=192,
