@@ -217,7 +217,7 @@ def main(argv=None) -> int:
                                      description=__doc__.split("\n")[0])
     parser.add_argument("--weights", default=str(models.WEIGHTS_DIR),
                         help="toy weights folder made by toy.train (its critic/ is refined; default: the package's)")
-    parser.add_argument("--work", default=None, help="cache folder (default: <weights>/../toy_matching_work)")
+    parser.add_argument("--work", default=None, help="cache folder for the samples (default: <weights>/../toy_matching_work)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole command")
     args = parser.parse_args(argv)
@@ -232,7 +232,8 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    cache = work / "samples.pt"
+    # the samples depend on the objects and steps only: cached under a name that says which
+    cache = work / f"samples_{sizes['objects']}_{'-'.join(map(str, sizes['steps']))}.pt"
     t = time.perf_counter()
     if cache.exists():
         samples = torch.load(cache, weights_only=False)
@@ -263,7 +264,7 @@ def main(argv=None) -> int:
     manifest["matching"] = dict(
         command="python -m vlm3d_guidance.toy.gradient_matching" + (" --quick" if args.quick else "")
         + (f" --threads {args.threads}" if args.threads != 1 else ""),
-        sizes=sizes, samples=len(samples), held_out_cosine=history,
+        sizes=sizes, samples=len(samples), samples_from_cache="samples" not in times, held_out_cosine=history,
         wall_seconds={k: round(v, 1) for k, v in times.items()}, total_wall_seconds=round(sum(times.values()), 1))
     manifest["total_bytes"] = sum((weights / rel).stat().st_size for rel in manifest["files"])
     (weights / models.MANIFEST).write_text(json.dumps(manifest, indent=2))
