@@ -8,10 +8,9 @@ import sys, time, dataclasses, torch
 torch.set_num_threads(1)
 from vlm3d_guidance import toy
 from vlm3d_guidance.toy.render_latent import latent_surface
-from vlm3d_guidance.toy.experiment import part_pixel_weights
+from vlm3d_guidance.toy.experiment import part_meshes, part_pixel_weights
 from vlm3d_guidance.toy.train import critic_shapes
-from vlm3d_guidance.toy.references import sdf_grid, BOX_V, _mesh_tensors
-from vlm3d_guidance.geometry import marching_cubes
+from vlm3d_guidance.toy.references import _mesh_tensors
 from vlm3d_guidance.render import render_views
 from vlm3d_guidance.render.cameras import fit_to_points
 size, classes = int(sys.argv[3]), set(sys.argv[4].split(","))
@@ -25,9 +24,9 @@ def meshes_of(i):
     """(truth mesh, [part meshes]) of critic object i, as float32 vertices and long faces"""
     if i not in cache:
         cache.clear()
-        f32 = lambda m: tuple(t.float() if t.is_floating_point() else t for t in m)
         obj = shapes[i][0]
-        cache[i] = f32(_mesh_tensors(obj)), [f32(marching_cubes(sdf_grid(p, 96), bounds=(-BOX_V, BOX_V))) for p in obj.parts]
+        verts, faces = _mesh_tensors(obj)
+        cache[i] = (verts.float(), faces), part_meshes(obj)  # parts at 96^3, as gradient_matching_parts_prep.py
     return cache[i]
 render = lambda v, f, cams, shading=cfg.shading: render_views(v, f, cams, size=size, shading=shading, backend=cfg.backend)
 t0 = time.perf_counter()
@@ -36,7 +35,7 @@ for n, r in enumerate(rows):
     verts, faces = latent_surface(pipe.pipeline.vae, r['x0'].float(), cfg, 64)
     cams = fit_to_points(cfg.cameras(1.01), verts, cfg.fill)
     (tv, tf), parts = meshes_of(r['i'])
-    w = part_pixel_weights(parts, cams, cfg)  # the parts at 96^3, as gradient_matching_parts_prep.py
+    w = part_pixel_weights(parts, cams, cfg)
     with torch.no_grad():
         T = render(tv, tf, cams).clamp(0, 1)
     v = verts.clone().requires_grad_(True)
