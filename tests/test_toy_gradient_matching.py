@@ -107,14 +107,19 @@ def test_a_non_finite_sample_is_skipped_reported_and_survived(samples):
     assert np.isfinite(float(gm.matching_cosine(critic, samples[1], CFG)[1]))
 
 
-def test_command_quick_run_adds_a_loadable_matched_critic(tmp_path):
-    weights = tmp_path / "weights"
+def base_only_weights(weights):
+    """A copy of the shipped weights in ``weights`` as toy.train leaves them: the base critic only."""
     shutil.copytree(models.WEIGHTS_DIR, weights)
-    shutil.rmtree(weights / models.MATCHED_CRITIC_FOLDER)  # as toy.train leaves it: base critic only
+    shutil.rmtree(weights / models.MATCHED_CRITIC_FOLDER)
     manifest = json.loads((weights / models.MANIFEST).read_text())
     manifest["files"] = {k: v for k, v in manifest["files"].items() if not k.startswith(models.MATCHED_CRITIC_FOLDER + "/")}
     manifest.pop("matching")
     (weights / models.MANIFEST).write_text(json.dumps(manifest))
+    return weights
+
+
+def test_command_quick_run_adds_a_loadable_matched_critic(tmp_path):
+    weights = base_only_weights(tmp_path / "weights")
     base = toy.load_pipeline(weights=weights)
     with pytest.raises(FileNotFoundError, match="no matched critic"):
         toy.load_pipeline(weights=weights, critic="matched")
@@ -130,6 +135,36 @@ def test_command_quick_run_adds_a_loadable_matched_critic(tmp_path):
     assert any(changed), "the matched critic must differ from the base critic it started from"
     base_again = toy.load_pipeline(weights=weights, critic="base").critic.model
     assert all(torch.equal(p, q) for p, q in zip(base_again.parameters(), base.critic.model.parameters()))
+
+
+def test_two_jobs_then_a_resumed_phase_make_the_critic_one_uninterrupted_run_makes(tmp_path, monkeypatch, capsys):
+    one, two = base_only_weights(tmp_path / "one"), base_only_weights(tmp_path / "two")
+    with pytest.raises(SystemExit):  # refused before any work: nothing to resume from
+        gm.main(["--quick", "--resume-phase", "1", "--weights", str(two), "--work", str(tmp_path / "w2")])
+    assert "needs a matched critic" in capsys.readouterr().err
+    assert gm.main(["--quick", "--weights", str(one), "--work", str(tmp_path / "w1")]) == 0
+    monkeypatch.setattr(gm, "QUICK", dict(gm.QUICK, phases=gm.QUICK["phases"][:1]))  # a run stopped after phase 0
+    assert gm.main(["--quick", "--jobs", "2", "--weights", str(two), "--work", str(tmp_path / "w2")]) == 0
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):  # one's critic went through both phases: it is not where phase 1 starts
+        gm.main(["--quick", "--resume-phase", "1", "--weights", str(one), "--work", str(tmp_path / "w1")])
+    assert "was not made by phases 0..0 of this recipe" in capsys.readouterr().err
+    assert gm.main(["--quick", "--resume-phase", "1", "--weights", str(two), "--work", str(tmp_path / "w2")]) == 0
+
+    cache = f"samples_{gm.QUICK['objects']}_{'-'.join(map(str, gm.QUICK['steps']))}.pt"
+    serial, parallel = (torch.load(tmp_path / w / cache, weights_only=False) for w in ("w1", "w2"))
+    assert [(s["i"], s["step"]) for s in parallel] == [(s["i"], s["step"]) for s in serial] and len(serial) == 6
+    for a, b in zip(serial, parallel):
+        for key in ("verts", "faces", "V", "t_verts"):
+            assert torch.equal(a[key], b[key]), key
+    critics = [load_file(str(w / models.MATCHED_CRITIC_FOLDER / "model.safetensors")) for w in (one, two)]
+    assert critics[0].keys() == critics[1].keys()
+    assert all(torch.equal(critics[0][k], critics[1][k]) for k in critics[0])
+    first, resumed = (models.verify_weights(w)["matching"] for w in (one, two))
+    assert resumed["held_out_cosine"] == first["held_out_cosine"] and len(first["held_out_cosine"]) == 2
+    assert resumed["command"] == ("python -m vlm3d_guidance.toy.gradient_matching --quick --jobs 2; then "
+                                  "python -m vlm3d_guidance.toy.gradient_matching --quick --resume-phase 1")
+    assert set(resumed["wall_seconds"]) == {"samples", "phase_0", "resumed_phase_1"}
 
 
 def test_the_toy_loads_the_shipped_matched_critic_by_default():

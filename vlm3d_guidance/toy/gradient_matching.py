@@ -23,9 +23,11 @@ sampling run, the clean estimate ``x0`` at one of :data:`MATCHING` ``["steps"]``
 
 Training runs in :data:`MATCHING` ``["phases"]`` (each its own one-cycle schedule and ``r_start``),
 holding out ``held_share`` of the objects (their cosine is logged per epoch and kept in the
-manifest). The shipped matched critic is the one these settings describe; it was made by the same
-steps run as separate scripts over several sessions (``benchmarks/toy_experiments/gradient_matching_*``,
-measured times in the manifest), not by one call of this command.
+manifest). ``--jobs N`` makes the samples in N processes (the same rows); ``--resume-phase K`` starts
+from the folder's matched critic, made by phases ``0..K-1`` of the same recipe, and runs the rest.
+The shipped matched critic is the one these settings describe; it was made by the same steps run as
+separate scripts over several sessions (``benchmarks/toy_experiments/gradient_matching_*``, measured
+times in the manifest), not by one call of this command.
 """
 
 from __future__ import annotations
@@ -110,6 +112,41 @@ def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, st
                 rows.append(dict(sample, i=i, step=k, sigma=sigma))
         if j % 20 == 0 or j == len(shapes) - 1:
             log(f"matching samples: object {i}, {len(rows)} samples ({time.perf_counter() - t0:.0f} s)")
+    return rows
+
+
+def _samples_worker(job: tuple) -> str:
+    """One process's share of :func:`matching_samples` (``job = (weights, objects, start, stop, steps,
+    path)``, one torch thread), saved to ``path``; spawned by :func:`parallel_matching_samples`."""
+    from .config import TOY_GUIDANCE, TOY_SAMPLING
+    from .train import critic_shapes
+
+    weights, objects, start, stop, steps, path = job
+    torch.set_num_threads(1)
+    pipeline = models.load_generator(Path(weights))
+    sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
+    rows = matching_samples(pipeline, critic_shapes(objects)[start:stop], steps, TOY_GUIDANCE, sampling,
+                            log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] [{start}-{stop - 1}] {msg}", flush=True),
+                            start=start)
+    torch.save(rows, path)
+    return path
+
+
+def parallel_matching_samples(weights: Path, objects: int, steps: list, jobs: int, work: Path) -> list[dict]:
+    """:func:`matching_samples` of the first ``objects`` critic-split objects, split into ``jobs``
+    contiguous ranges run in spawned processes of one thread each; the same rows, in the same order,
+    as one process makes (each object samples with its own seed)."""
+    import multiprocessing
+
+    bounds = np.linspace(0, objects, jobs + 1).round().astype(int)
+    tasks = [(str(weights), objects, int(a), int(b), list(steps), str(work / f"samples_part_{a}_{b}.pt"))
+             for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    with multiprocessing.get_context("spawn").Pool(len(tasks)) as pool:
+        paths = pool.map(_samples_worker, tasks)
+    rows = []
+    for path in paths:
+        rows.extend(torch.load(path, weights_only=False))
+        Path(path).unlink()
     return rows
 
 
@@ -219,12 +256,30 @@ def main(argv=None) -> int:
                         help="toy weights folder made by toy.train (its critic/ is refined; default: the package's)")
     parser.add_argument("--work", default=None, help="cache folder for the samples (default: <weights>/../toy_matching_work)")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="processes (one thread each) that make the samples (default 1; 2 on a 2-core CPU)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the whole command")
+    parser.add_argument("--resume-phase", type=int, default=0, metavar="K",
+                        help="start from the folder's matched critic, made by phases 0..K-1 of the same recipe, "
+                             "and run phases K.. only (default 0: start from the base critic)")
     args = parser.parse_args(argv)
     weights = Path(args.weights)
     manifest = models.verify_weights(weights)  # before any work: a missing or corrupt folder is refused
-    torch.set_num_threads(args.threads)
     sizes = QUICK if args.quick else MATCHING
+    if args.threads < 1 or args.jobs < 1:
+        parser.error("--threads and --jobs must be at least 1")
+    if not 0 <= args.resume_phase < len(sizes["phases"]):
+        parser.error(f"--resume-phase must be in 0..{len(sizes['phases']) - 1} (the recipe has {len(sizes['phases'])} phases)")
+    earlier = manifest.get("matching")
+    if args.resume_phase:
+        if earlier is None or not (weights / models.MATCHED_CRITIC_FOLDER).is_dir():
+            parser.error(f"--resume-phase {args.resume_phase} needs a matched critic in {weights}; "
+                         "run without --resume-phase first")
+        same = {k: v for k, v in earlier["sizes"].items() if k != "phases"} == {k: v for k, v in sizes.items() if k != "phases"}
+        if not same or earlier["sizes"]["phases"] != sizes["phases"][: args.resume_phase]:
+            parser.error(f"the matched critic in {weights} was not made by phases 0..{args.resume_phase - 1} of this "
+                         f"recipe (its manifest: {earlier['sizes']}); run without --resume-phase")
+    torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else weights.parent / "toy_matching_work"
     work.mkdir(parents=True, exist_ok=True)
     times: dict = {}
@@ -238,6 +293,10 @@ def main(argv=None) -> int:
     if cache.exists():
         samples = torch.load(cache, weights_only=False)
         log(f"{len(samples)} matching samples from {cache}")
+    elif args.jobs > 1:
+        samples = parallel_matching_samples(weights, sizes["objects"], sizes["steps"], args.jobs, work)
+        torch.save(samples, cache)
+        times["samples"] = time.perf_counter() - t
     else:
         pipeline = models.load_generator(weights)
         sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
@@ -245,10 +304,13 @@ def main(argv=None) -> int:
                                    sampling, log)
         torch.save(samples, cache)
         times["samples"] = time.perf_counter() - t
-    critic = VLMCritic.from_pretrained(str(weights / models.CRITIC_FOLDER), device="cpu", dtype="float32",
+    start_folder = models.MATCHED_CRITIC_FOLDER if args.resume_phase else models.CRITIC_FOLDER
+    critic = VLMCritic.from_pretrained(str(weights / start_folder), device="cpu", dtype="float32",
                                        attn_implementation="eager")
-    history = []
+    history = list(earlier["held_out_cosine"][: args.resume_phase]) if args.resume_phase else []
     for n, phase in enumerate(sizes["phases"]):
+        if n < args.resume_phase:
+            continue
         t = time.perf_counter()
         history.append(train_phase(critic, samples, phase, sizes, TOY_GUIDANCE, log))
         times[f"phase_{n}"] = time.perf_counter() - t
@@ -261,11 +323,22 @@ def main(argv=None) -> int:
     for p in sorted(target.rglob("*")):
         if p.is_file():
             manifest["files"][p.relative_to(weights).as_posix()] = models.sha256(p)
+    command = ("python -m vlm3d_guidance.toy.gradient_matching" + (" --quick" if args.quick else "")
+               + (f" --threads {args.threads}" if args.threads != 1 else "")
+               + (f" --jobs {args.jobs}" if args.jobs != 1 else ""))
+    wall = {k: round(v, 1) for k, v in times.items()}
+    if args.resume_phase:  # phases 0..K-1 (and their samples) came from the run the manifest recorded
+        resumed = command + f" --resume-phase {args.resume_phase}"
+        wall = dict({k: v for k, v in earlier["wall_seconds"].items() if not k.startswith("phase_")
+                     or int(k.split("_")[1]) < args.resume_phase}, **{f"resumed_{k}": v for k, v in wall.items()})
+        command = earlier["command"] + "; then " + resumed
+    # the recipe's time: its samples once, then every phase (a resumed run's own samples are listed, not added)
+    total = sum(v for k, v in wall.items() if not (k == "resumed_samples" and "samples" in wall))
     manifest["matching"] = dict(
-        command="python -m vlm3d_guidance.toy.gradient_matching" + (" --quick" if args.quick else "")
-        + (f" --threads {args.threads}" if args.threads != 1 else ""),
-        sizes=sizes, samples=len(samples), samples_from_cache="samples" not in times, held_out_cosine=history,
-        wall_seconds={k: round(v, 1) for k, v in times.items()}, total_wall_seconds=round(sum(times.values()), 1))
+        command=command, sizes=sizes, samples=len(samples), samples_from_cache="samples" not in times,
+        held_out_cosine=history, wall_seconds=wall, total_wall_seconds=round(total, 1),
+        **({"provenance": f"phases 0-{args.resume_phase - 1} and the wall times without 'resumed_': "
+            + earlier["provenance"]} if args.resume_phase and "provenance" in earlier else {}))
     manifest["total_bytes"] = sum((weights / rel).stat().st_size for rel in manifest["files"])
     (weights / models.MANIFEST).write_text(json.dumps(manifest, indent=2))
     log(f"matched critic in {target}; {manifest['matching']['total_wall_seconds']:.0f} s")
