@@ -32,7 +32,7 @@ RESULTS = HERE / "toy_results"
 
 # the knob study: name -> guidance overrides (applied on top of the toy defaults). The lam rows are
 # the sweep the toy default lam is chosen from; every other knob is varied at the default lam.
-LAMS = (0.0, 0.02, 0.05, 0.1, 0.2)
+LAMS = (0.0, 0.01, 0.02, 0.05, 0.1)
 KNOBS = {
     **{("lam=0 (unguided)" if lam == 0 else f"lam={lam:g}"): dict(lam=lam) for lam in LAMS},
     "schedule=cosine": dict(schedule="cosine"),
