@@ -202,7 +202,11 @@ class JobManager:
             self._slots.release()
 
     def finish(self, job: Job) -> None:
-        """The job's thread is done: remove its folder now if nobody will look at it."""
+        """The job's thread is done: remove its folder now if nobody will look at it. A cancelled or
+        discarded job's folder is removed BEFORE the job reads as finished (whoever waits for
+        ``finished`` finds it gone), and again after, for a flag set in between."""
+        if job.discard or job.cancel.is_set():
+            shutil.rmtree(job.folder, ignore_errors=True)
         with self._lock:
             job.finished = True
             drop = job.discard or job.cancel.is_set()
