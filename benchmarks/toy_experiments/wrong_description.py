@@ -21,10 +21,9 @@ import torch
 
 from vlm3d_guidance import toy
 from vlm3d_guidance.critic import VLMCritic
-from vlm3d_guidance.render import render_views
 from vlm3d_guidance.toy import gradient_matching as gm
 from vlm3d_guidance.toy import models
-from vlm3d_guidance.toy.experiment import part_meshes, part_pixel_weights
+from vlm3d_guidance.toy.experiment import part_meshes
 from vlm3d_guidance.toy.references import _mesh_tensors
 from vlm3d_guidance.toy.train import critic_shapes
 from vlm3d_guidance.toy.world import DESCRIPTIONS, broken_variant
@@ -36,19 +35,9 @@ PHASE = dict(epochs=1, class_repeat={"table": 2, "mug": 2, "mug as cup": 2})
 def cup_sample(sample, cup, weigh_like=None) -> dict:
     """``sample`` (a mug's) with the cup prompt and the target towards ``cup`` (the handle-less mug),
     part-weighted by ``weigh_like``'s parts (default ``cup``'s)."""
-    cams = sample["cams"]
-    tv, tf = _mesh_tensors(cup)
-    weights = part_pixel_weights(part_meshes(weigh_like if weigh_like is not None else cup), cams, CFG)
-
-    def render(v, f):
-        return render_views(v, f, cams, size=CFG.render_size, shading=CFG.shading, backend=CFG.backend).clamp(0, 1)
-
-    with torch.no_grad():
-        truth = render(tv, tf)
-    v = sample["verts"].clone().requires_grad_(True)
-    views = render(v, sample["faces"])
-    (weights * views * (truth - views.detach())).sum().backward()
-    return dict(sample, cls="mug as cup", prompt=DESCRIPTIONS["cup"], t_verts=v.grad.clone())
+    _, target = gm.part_weighted_target(sample["verts"], sample["faces"], sample["cams"], _mesh_tensors(cup),
+                                        part_meshes(weigh_like if weigh_like is not None else cup), CFG)
+    return dict(sample, cls="mug as cup", prompt=DESCRIPTIONS["cup"], t_verts=target)
 
 
 def prep(cache, out, weights="cup"):

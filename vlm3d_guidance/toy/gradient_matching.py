@@ -63,9 +63,8 @@ def matching_sample(obj, x0: torch.Tensor, vae, cfg, truth_mesh=None, parts=None
     or None when the estimate has no surface. ``cfg`` is the guidance config whose views are matched
     (cameras fitted to the surface with ``cfg.fill``, ``cfg.render_size``, ``cfg.shading``).
     """
-    from ..render import render_views
     from ..render.cameras import fit_to_points
-    from .experiment import part_meshes, part_pixel_weights
+    from .experiment import part_meshes
     from .references import _mesh_tensors
     from .render_latent import latent_surface
 
@@ -74,19 +73,31 @@ def matching_sample(obj, x0: torch.Tensor, vae, cfg, truth_mesh=None, parts=None
         return None
     verts, faces = surface
     cams = fit_to_points(cfg.cameras(1.01), verts, cfg.fill)
-    tv, tf = truth_mesh if truth_mesh is not None else _mesh_tensors(obj)
-    weights = part_pixel_weights(parts if parts is not None else part_meshes(obj), cams, cfg)
+    views, target = part_weighted_target(verts, faces, cams, truth_mesh if truth_mesh is not None else _mesh_tensors(obj),
+                                         parts if parts is not None else part_meshes(obj), cfg)
+    return dict(cls=obj.cls, prompt=obj.description, verts=verts, faces=faces, cams=cams,
+                V=views.mul(255).round().to(torch.uint8), t_verts=target)
+
+
+def part_weighted_target(verts, faces, cams, truth_mesh, parts, cfg):
+    """``(V, t)``: the views ``V [N, 3, S, S]`` of the surface ``verts [V, 3]``, ``faces [F, 3]``
+    through ``cams`` and the target ``t [V, 3] = d/dverts sum(w * V * sg(T - V))``, ``T`` the views
+    of ``truth_mesh`` (``(verts, faces)``) and ``w`` :func:`part_pixel_weights` of ``parts``."""
+    from ..render import render_views
+    from .experiment import part_pixel_weights
+
+    weights = part_pixel_weights(parts, cams, cfg)
 
     def render(v, f):
         return render_views(v, f, cams, size=cfg.render_size, shading=cfg.shading, backend=cfg.backend).clamp(0, 1)
 
     with torch.no_grad():
-        truth = render(tv, tf)
+        truth = render(*truth_mesh)
     v = verts.clone().requires_grad_(True)
-    views = render(v, faces)
-    (weights * views * (truth - views.detach())).sum().backward()
-    return dict(cls=obj.cls, prompt=obj.description, verts=verts, faces=faces, cams=cams,
-                V=views.detach().mul(255).round().to(torch.uint8), t_verts=v.grad.clone())
+    with torch.enable_grad():
+        views = render(v, faces)
+        (weights * views * (truth - views.detach())).sum().backward()
+    return views.detach(), v.grad.clone()
 
 
 def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, start: int = 0) -> list[dict]:
@@ -119,18 +130,24 @@ def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, st
 def _samples_worker(job: tuple) -> str:
     """One process's share of :func:`matching_samples` (``job = (weights, objects, start, stop, steps,
     path)``, one torch thread), saved to ``path``; spawned by :func:`parallel_matching_samples`."""
+    weights, objects, start, stop, steps, path = job
+    torch.set_num_threads(1)
+    rows = range_samples(weights, objects, start, stop, steps,
+                         log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] [{start}-{stop - 1}] {msg}", flush=True))
+    torch.save(rows, path)
+    return path
+
+
+def range_samples(weights, objects: int, start: int, stop: int, steps: list, log=print) -> list[dict]:
+    """:func:`matching_samples` of critic-split objects ``start .. stop-1`` (of the first ``objects``),
+    with the generator in ``weights`` at the toy's sampling and guidance settings."""
     from .config import TOY_GUIDANCE, TOY_SAMPLING
     from .train import critic_shapes
 
-    weights, objects, start, stop, steps, path = job
-    torch.set_num_threads(1)
     pipeline = models.load_generator(Path(weights))
     sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
-    rows = matching_samples(pipeline, critic_shapes(objects)[start:stop], steps, TOY_GUIDANCE, sampling,
-                            log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] [{start}-{stop - 1}] {msg}", flush=True),
+    return matching_samples(pipeline, critic_shapes(objects)[start:stop], steps, TOY_GUIDANCE, sampling, log,
                             start=start)
-    torch.save(rows, path)
-    return path
 
 
 def parallel_matching_samples(weights: Path, objects: int, steps: list, jobs: int, work: Path) -> list[dict]:
@@ -248,8 +265,7 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
 
 def main(argv=None) -> int:
     from ..critic import VLMCritic
-    from .config import TOY_GUIDANCE, TOY_SAMPLING
-    from .train import critic_shapes
+    from .config import TOY_GUIDANCE
 
     parser = argparse.ArgumentParser(prog="python -m vlm3d_guidance.toy.gradient_matching",
                                      description=__doc__.split("\n")[0])
@@ -294,15 +310,9 @@ def main(argv=None) -> int:
     if cache.exists():
         samples = torch.load(cache, weights_only=False)
         log(f"{len(samples)} matching samples from {cache}")
-    elif args.jobs > 1:
-        samples = parallel_matching_samples(weights, sizes["objects"], sizes["steps"], args.jobs, work)
-        torch.save(samples, cache)
-        times["samples"] = time.perf_counter() - t
     else:
-        pipeline = models.load_generator(weights)
-        sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
-        samples = matching_samples(pipeline, critic_shapes(sizes["objects"]), sizes["steps"], TOY_GUIDANCE,
-                                   sampling, log)
+        samples = (parallel_matching_samples(weights, sizes["objects"], sizes["steps"], args.jobs, work) if args.jobs > 1
+                   else range_samples(weights, sizes["objects"], 0, sizes["objects"], sizes["steps"], log))
         torch.save(samples, cache)
         times["samples"] = time.perf_counter() - t
     start_folder = models.MATCHED_CRITIC_FOLDER if args.resume_phase else models.CRITIC_FOLDER
