@@ -184,6 +184,23 @@ def test_gradient_agreement_is_one_for_the_truth_itself_and_minus_one_negated(pi
     assert 0.0 < same[1]["cosine_parts"] < 0.999  # a table: its legs weigh more than its top
 
 
+def test_guided_estimates_are_the_stock_ones_at_lam_0_and_move_under_guidance(pipe):
+    """``unguided_estimates(guided=...)`` (the estimates the guided steps judged): at lam 0 the guided
+    loop's estimates equal the stock sampler's exactly; under guidance the first step's estimate is
+    still the stock one (judged before any update) and later ones move."""
+    from vlm3d_guidance.toy.experiment import unguided_estimates
+
+    refs = toy.references("test", count=1)
+    sampling = dict(toy.TOY_SAMPLING, num_inference_steps=4)
+    stock = next(unguided_estimates(pipe, refs, (0, 1, 2), sampling=sampling))[1]
+    at_zero = next(unguided_estimates(pipe, refs, (0, 1, 2), sampling=sampling, guided=dict(lam=0.0)))[1]
+    moved = next(unguided_estimates(pipe, refs, (0, 1, 2), sampling=sampling, guided=dict(lam=0.5)))[1]
+    for (k, sigma, x0), (k0, sigma0, x00) in zip(stock, at_zero):
+        assert (k, sigma) == (k0, sigma0) and torch.equal(x0, x00)
+    assert torch.equal(moved[0][2], stock[0][2])
+    assert (moved[2][2] - stock[2][2]).abs().max() > 1e-3
+
+
 def test_uphill_record_sees_the_step_as_the_step_does(pipe):
     """record_uphill's ``r(x0 + u)`` is measured through the guided step's own views (fitted
     cameras, the export's placement): with a vanishing update it equals the step's ``r(x0)``.

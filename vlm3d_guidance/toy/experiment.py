@@ -299,24 +299,31 @@ def step_arguments(cfg, sampling: dict | None = None) -> dict:
                 seconds={}, coarse_to_fine=cfg.coarse_to_fine, export_resolution=sampling.get("octree_resolution"))
 
 
-def unguided_estimates(pipe, refs, steps, seeds=None, sampling: dict | None = None):
+def unguided_estimates(pipe, refs, steps, seeds=None, sampling: dict | None = None, guided: dict | None = None):
     """Yield ``(reference, [(step, sigma, x0), ...])`` per reference: the clean-latent estimates
     ``x0 [1, L, C]`` (normal tensors, so they can take a gradient) at each of ``steps``, in order, of
     the stock hy3dgen sampler's run from that reference (seed ``i`` for reference ``i`` unless
-    ``seeds``; ``sampling`` default :data:`TOY_SAMPLING`)."""
+    ``seeds``; ``sampling`` default :data:`TOY_SAMPLING`). With ``guided`` (guidance options, e.g.
+    ``dict(lam=0.05)``) the run is ``pipe``'s guided one instead, and the estimates are the ones its
+    guided steps judged (before their update)."""
     from .critic_training import recorded_estimates
 
     sampling = dict(TOY_SAMPLING if sampling is None else sampling)
     seeds = list(range(len(refs))) if seeds is None else list(seeds)
     for ref, seed in zip(refs, seeds):
         with recorded_estimates(pipe.pipeline) as estimates:
-            pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
-                          output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
+            if guided is None:
+                pipe.pipeline(image=ref.image, generator=torch.Generator().manual_seed(seed), enable_pbar=False,
+                              output_type="latent", **{k: v for k, v in sampling.items() if k != "octree_resolution"})
+            else:
+                pipe(image=ref.image, prompt=ref.prompt, generator=torch.Generator().manual_seed(seed),
+                     enable_pbar=False, output_type="latent", **sampling, **guided)
         # cloned: recorded under hy3dgen's inference mode
         yield ref, [(k, estimates[k][0], estimates[k][1].clone()) for k in steps]
 
 
-def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = None, critic_for=None) -> list:
+def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = None, critic_for=None,
+                       guided: dict | None = None) -> list:
     """Does the critic's gradient point where the truth's does? Cosines between latent gradients.
 
     For each reference, the unguided sampler runs (seed ``i``) and its clean-latent estimate
@@ -329,6 +336,9 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
     Args:
         critic_for: optional ``reference -> reward`` (anything with the critic's ``reward``) to
             compare instead of ``pipe.critic``.
+        guided: guidance options (e.g. ``dict(lam=0.05)``): take the estimates from ``pipe``'s guided
+            runs under them instead of the stock sampler's (:func:`unguided_estimates`): is the critic
+            right where guidance takes the run?
 
     Returns:
         one dict per (reference, step): ``reference``, ``step``, ``sigma``, ``cosine`` (critic vs
@@ -342,7 +352,7 @@ def gradient_agreement(pipe, refs, steps, seeds=None, sampling: dict | None = No
     cams = cfg.cameras()
     common = step_arguments(cfg, sampling)
     out = []
-    for ref, estimates in unguided_estimates(pipe, refs, steps, seeds, sampling):
+    for ref, estimates in unguided_estimates(pipe, refs, steps, seeds, sampling, guided):
         critic = pipe.critic if critic_for is None else critic_for(ref)
         parts = part_meshes(ref.object)  # the part-weighted truth's meshes: the same at every step
         for k, sigma, x0 in estimates:
