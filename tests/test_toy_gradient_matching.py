@@ -38,6 +38,29 @@ def base_critic():
                                      attn_implementation="eager")
 
 
+def test_on_policy_samples_at_lam_0_are_the_stock_ones_and_guidance_moves_them(samples, shapes):
+    """On-policy samples (``matching_samples`` with ``lams``: the runs guided by the critic): at lam 0
+    the guided loop is the stock sampler, so they equal the stock samples exactly; guided, they move.
+    ``on_policy_lams`` splits the
+    objects into equal blocks, one per lam."""
+    from vlm3d_guidance.pipeline import GuidedHunyuanPipeline
+
+    generator = models.load_generator()
+    critic = VLMCritic.from_pretrained(str(models.WEIGHTS_DIR / models.MATCHED_CRITIC_FOLDER), dtype="float32")
+    guided = GuidedHunyuanPipeline(pipeline=generator, critic=critic, config=CFG)
+    sampling = dict(toy.TOY_SAMPLING, num_inference_steps=4)
+    at_zero = gm.matching_samples(guided, shapes[:1], [1, 3], CFG, sampling, log=lambda msg: None, lams=[0.0])
+    moved = gm.matching_samples(guided, shapes[:1], [1, 3], CFG, sampling, log=lambda msg: None, lams=[0.5])
+    for a, b in zip(samples[:2], at_zero):
+        assert (a["i"], a["step"]) == (b["i"], b["step"]) and b["source"] == "guided lam 0.0"
+        for key in ("verts", "faces", "V", "t_verts"):
+            assert torch.equal(a[key], b[key]), key
+    for a, b in zip(samples[:2], moved):  # step 0 was guided: the estimates of steps 1 and 3 moved
+        assert a["verts"].shape != b["verts"].shape or (a["verts"] - b["verts"]).abs().max() > 1e-3
+    assert gm.on_policy_lams(dict(objects=5, lams=(0.02, 0.05))) == [0.02, 0.02, 0.02, 0.05, 0.05]
+    assert gm.on_policy_lams(dict(objects=140, lams=(0.02, 0.05))).index(0.05) == 70
+
+
 def test_samples_cover_every_object_and_step(samples, shapes):
     assert [(s["i"], s["step"]) for s in samples] == [(i, k) for i in range(3) for k in (1, 3)]
     assert [s["cls"] for s in samples[::2]] == [obj.cls for obj, _ in shapes] == ["table", "mug", "cup"]
@@ -164,7 +187,10 @@ def test_two_jobs_then_a_resumed_phase_make_the_critic_one_uninterrupted_run_mak
     assert resumed["held_out_cosine"] == first["held_out_cosine"] and len(first["held_out_cosine"]) == 2
     assert resumed["command"] == ("python -m vlm3d_guidance.toy.gradient_matching --quick --jobs 2; then "
                                   "python -m vlm3d_guidance.toy.gradient_matching --quick --resume-phase 1")
-    assert set(resumed["wall_seconds"]) == {"samples", "phase_0", "resumed_phase_1"}
+    assert set(resumed["wall_seconds"]) == {"samples", "phase_0", "resumed_on_policy_1", "resumed_phase_1"}
+    assert first["on_policy_samples"] == resumed["on_policy_samples"] == 2  # object 0, guided, steps 2 and 22
+    with pytest.raises(SystemExit):  # phase 1's on-policy samples are not kept in the weights: no resuming past it
+        gm.main(["--quick", "--resume-phase", "2", "--weights", str(two), "--work", str(tmp_path / "w2")])
 
 
 def test_the_toy_loads_the_shipped_matched_critic_by_default():
