@@ -26,9 +26,11 @@ holding out ``held_share`` of the objects (their cosine is logged per epoch and 
 manifest). A phase with ``on_policy`` first lets the critic as it stands guide the first
 ``on_policy["objects"]`` objects (at ``on_policy["lams"]``, one per block of objects) and adds the
 estimates its guided steps judged as samples (:func:`on_policy_samples`): guidance takes the run to
-estimates the stock sampler never makes, and there the critic's gradient agreed far less (P4:
-+0.73 at stock estimates, +0.30 on lam 0.05 runs, negative at their last steps). ``--jobs N`` makes the samples in N processes (the same rows); ``--resume-phase K`` starts
-from the folder's matched critic, made by phases ``0..K-1`` of the same recipe, and runs the rest.
+estimates the stock sampler never makes, and there the critic's gradient agreed far less (P4: +0.73
+at stock estimates, +0.30 on lam 0.05 runs, negative at their last steps). The shipped recipe has no
+such phase: one was tried (``benchmarks/toy_experiments/on_policy.py``) and not shipped. ``--jobs N``
+makes the samples in N processes (the same rows); ``--resume-phase K`` starts from the folder's
+matched critic, made by phases ``0..K-1`` of the same recipe, and runs the rest.
 The shipped matched critic is the one these settings describe: phases 0-2 were run as separate
 scripts over several sessions (``benchmarks/toy_experiments/gradient_matching_*``), phase 3 by this
 command (``--resume-phase 3``, its samples made again by this module); measured times in the manifest.
