@@ -41,8 +41,7 @@ def base_critic():
 def test_on_policy_samples_at_lam_0_are_the_stock_ones_and_guidance_moves_them(samples, shapes):
     """On-policy samples (``matching_samples`` with ``lams``: the runs guided by the critic): at lam 0
     the guided loop is the stock sampler, so they equal the stock samples exactly; guided, they move.
-    ``on_policy_lams`` splits the
-    objects into equal blocks, one per lam."""
+    ``on_policy_lams`` splits the objects into equal blocks, one per lam."""
     from vlm3d_guidance.pipeline import GuidedHunyuanPipeline
 
     generator = models.load_generator()

@@ -128,12 +128,12 @@ def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, st
     rows, t0 = [], time.perf_counter()
     for j, (obj, _) in enumerate(shapes):
         i = start + j
-        seed = torch.Generator().manual_seed(ROLLOUT_SEED + i)
+        generator = torch.Generator().manual_seed(ROLLOUT_SEED + i)
         with recorded_estimates(stock) as estimates:
             if lams is None:
-                pipeline(image=render_reference(obj), generator=seed, enable_pbar=False, output_type="latent", **sampling)
+                pipeline(image=render_reference(obj), generator=generator, enable_pbar=False, output_type="latent", **sampling)
             else:
-                pipeline(image=render_reference(obj), prompt=obj.description, generator=seed, enable_pbar=False,
+                pipeline(image=render_reference(obj), prompt=obj.description, generator=generator, enable_pbar=False,
                          output_type="latent", lam=lams[j], **sampling)
         truth, parts = _mesh_tensors(obj), part_meshes(obj)
         tag = {} if lams is None else dict(source=f"guided lam {lams[j]}")
@@ -156,7 +156,7 @@ def on_policy_lams(on_policy: dict) -> list:
 
 def _samples_worker(job: tuple) -> str:
     """One process's share of :func:`range_samples` (``job = (weights, objects, start, stop, steps,
-    path, critic, lams)``, one torch thread), saved to ``path``; spawned by :func:`parallel_matching_samples`."""
+    path, critic, lams)``, one torch thread), saved to ``path``; spawned by :func:`sample_objects`."""
     weights, objects, start, stop, steps, path, critic, lams = job
     torch.set_num_threads(1)
     rows = range_samples(weights, objects, start, stop, steps,
@@ -190,13 +190,15 @@ def range_samples(weights, objects: int, start: int, stop: int, steps: list, log
                             lams=lams[start:stop])
 
 
-def parallel_matching_samples(weights: Path, objects: int, steps: list, jobs: int, work: Path,
-                              critic: str | None = None, lams: list | None = None) -> list[dict]:
-    """:func:`range_samples` of the first ``objects`` critic-split objects, split into ``jobs``
-    contiguous ranges run in spawned processes of one thread each; the same rows, in the same order,
-    as one process makes (each object samples with its own seed)."""
+def sample_objects(weights: Path, objects: int, steps: list, jobs: int, work: Path, log=print,
+                   critic: str | None = None, lams: list | None = None) -> list[dict]:
+    """:func:`range_samples` of the first ``objects`` critic-split objects: in this process when
+    ``jobs`` is 1, else split into ``jobs`` contiguous ranges run in spawned processes of one thread
+    each; the same rows, in the same order, either way (each object samples with its own seed)."""
     import multiprocessing
 
+    if jobs <= 1:
+        return range_samples(weights, objects, 0, objects, steps, log, critic=critic, lams=lams)
     bounds = np.linspace(0, objects, jobs + 1).round().astype(int)
     kind = "samples" if critic is None else "on_policy"
     tasks = [(str(weights), objects, int(a), int(b), list(steps), str(work / f"{kind}_part_{a}_{b}.pt"), critic, lams)
@@ -306,8 +308,8 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
 
 
 def on_policy_samples(critic, weights: Path, work: Path, phase: int, on_policy: dict, steps: list, jobs: int,
-                      log=print) -> list[dict]:
-    """Phase ``phase``'s on-policy samples: the critic as it stands (saved to ``work``) guides the first
+                      log=print) -> tuple[list[dict], bool]:
+    """``(rows, from_cache)``: phase ``phase``'s on-policy samples: the critic as it stands (saved to ``work``) guides the first
     ``on_policy["objects"]`` critic-split objects at :func:`on_policy_lams`; one :func:`matching_sample`
     per step of each guided run (:func:`matching_samples` with ``lams``). Cached in ``work`` under the
     phase and the sha256 of the guiding critic's weights, so a cache is used only for the same critic."""
@@ -317,18 +319,16 @@ def on_policy_samples(critic, weights: Path, work: Path, phase: int, on_policy: 
     digest = models.sha256(folder / "model.safetensors")[:16]
     lams = on_policy_lams(on_policy)
     cache = work / f"on_policy_{phase}_{on_policy['objects']}_{'-'.join(map(str, on_policy['lams']))}_{digest}.pt"
-    if cache.exists():
+    from_cache = cache.exists()
+    if from_cache:
         rows = torch.load(cache, weights_only=False)
         log(f"{len(rows)} on-policy samples from {cache}")
-        rows = [dict(r, from_cache=True) for r in rows]
     else:
-        count = on_policy["objects"]
-        rows = (parallel_matching_samples(weights, count, steps, jobs, work, critic=str(folder), lams=lams) if jobs > 1
-                else range_samples(weights, count, 0, count, steps, log, critic=str(folder), lams=lams))
+        rows = sample_objects(weights, on_policy["objects"], steps, jobs, work, log, critic=str(folder), lams=lams)
         torch.save(rows, cache)
         log(f"{len(rows)} on-policy samples (guided at lam {sorted(set(lams))}) -> {cache}")
     shutil.rmtree(folder, ignore_errors=True)
-    return rows
+    return rows, from_cache
 
 
 def main(argv=None) -> int:
@@ -383,21 +383,21 @@ def main(argv=None) -> int:
         samples = torch.load(cache, weights_only=False)
         log(f"{len(samples)} matching samples from {cache}")
     else:
-        samples = (parallel_matching_samples(weights, sizes["objects"], sizes["steps"], args.jobs, work) if args.jobs > 1
-                   else range_samples(weights, sizes["objects"], 0, sizes["objects"], sizes["steps"], log))
+        samples = sample_objects(weights, sizes["objects"], sizes["steps"], args.jobs, work, log)
         torch.save(samples, cache)
         times["samples"] = time.perf_counter() - t
     start_folder = models.MATCHED_CRITIC_FOLDER if args.resume_phase else models.CRITIC_FOLDER
     critic = VLMCritic.from_pretrained(str(weights / start_folder), device="cpu", dtype="float32",
                                        attn_implementation="eager")
     history = list(earlier["held_out_cosine"][: args.resume_phase]) if args.resume_phase else []
-    on_policy_count = 0
+    on_policy_count, on_policy_from_cache = 0, False
     for n, phase in enumerate(sizes["phases"]):
         if n < args.resume_phase:
             continue
         if "on_policy" in phase:  # the critic as it stands guides; its runs' estimates join the samples
             t = time.perf_counter()
-            rows = on_policy_samples(critic, weights, work, n, phase["on_policy"], sizes["steps"], args.jobs, log)
+            rows, cached = on_policy_samples(critic, weights, work, n, phase["on_policy"], sizes["steps"], args.jobs, log)
+            on_policy_from_cache |= cached
             samples = samples + rows
             on_policy_count += len(rows)
             times[f"on_policy_{n}"] = time.perf_counter() - t
@@ -427,7 +427,7 @@ def main(argv=None) -> int:
     manifest["matching"] = dict(
         command=command, sizes=sizes, samples=len(samples) - on_policy_count, on_policy_samples=on_policy_count,
         samples_from_cache="samples" not in times,
-        on_policy_from_cache=any(s.get("from_cache", False) for s in samples),
+        on_policy_from_cache=on_policy_from_cache,
         held_out_cosine=history, wall_seconds=wall, total_wall_seconds=round(total, 1),
         **({"provenance": f"phases 0-{args.resume_phase - 1} and the wall times without 'resumed_': "
             + earlier["provenance"]} if args.resume_phase and "provenance" in earlier else {}))
