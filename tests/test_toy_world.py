@@ -8,7 +8,7 @@ import torch
 import trimesh
 
 from vlm3d_guidance.toy import hidden_handle_references, judge, references
-from vlm3d_guidance.toy.judge import inside_lattice
+from vlm3d_guidance.toy.judge import BOX_V, LATTICE, inside_lattice
 from vlm3d_guidance.toy.references import Reference, object_mesh, split_object
 from vlm3d_guidance.toy.world import BREAK_MODES, CLASSES, Part, ToyObject, broken_variant, sample_object
 
@@ -40,6 +40,12 @@ def test_judge_intact_box_and_analytic_iou():
     assert verdict["iou"] > 0.97
     shifted = judge(mesh, _ref([_box((0.25, 0, 0), (0.5, 0.5, 0.5))]))
     assert shifted["iou"] == pytest.approx(0.75 / 1.25, abs=0.03)  # overlap 0.75, union 1.25
+    assert verdict["volume_ratio"] == pytest.approx(1.0, abs=0.05)
+    swollen = judge(trimesh.creation.box(extents=(1.2, 1.2, 1.2)), _ref([_box((0, 0, 0), (0.5, 0.5, 0.5))]))
+    axis = np.linspace(-BOX_V, BOX_V, LATTICE)  # the judge's lattice: count its points inside each box
+    ratio = (np.sum(np.abs(axis) < 0.6) / np.sum(np.abs(axis) < 0.5)) ** 3
+    assert swollen["volume_ratio"] == pytest.approx(ratio, rel=1e-9) and not swollen["failed"]
+    assert swollen["iou"] == pytest.approx(1 / ratio, rel=1e-9)
 
 
 def test_judge_floating_part():
@@ -261,3 +267,19 @@ def test_part_weighted_truth_reward_weighs_each_part_by_its_inverse_pixel_area()
     assert float(reward.reward(views, "ignored")) == pytest.approx(float(expected), rel=1e-6)
     assert float(plain.reward(views, "ignored")) == pytest.approx(
         float(-100.0 * (views - plain.truth_views).pow(2).mean()), rel=1e-6)
+
+
+def test_summary_reports_the_median_volume_ratio_and_the_table_shows_it():
+    from vlm3d_guidance.toy.experiment import Row, markdown_table, summarize
+
+    def row(failed, iou, **extra):
+        return Row("r", "c", 0, failed, "x" if failed else "ok", iou, 1.0, 2.0, 3, 0, None, extra)
+
+    rows = [row(True, 0.2, volume_ratio=2.5), row(False, 0.8, volume_ratio=1.0), row(False, 0.5, volume_ratio=0.5),
+            row(False, 0.5)]  # recorded without a volume ratio: left out of the median
+    s = summarize(rows)
+    assert (s["failures"], s["mean_iou"], s["median_volume_ratio"]) == (1, 0.5, 1.0)
+    old = summarize([row(False, 0.5)])
+    assert math.isnan(old["median_volume_ratio"])
+    table = markdown_table({"new": s, "old": old}).splitlines()
+    assert table[2].split(" | ")[4] == "1.00" and table[3].split(" | ")[4] == "-"

@@ -67,7 +67,8 @@ def run_toy_eval(argv: list) -> int:
         for name, s in report["summaries"].items():
             lo, hi = s["failure_ci95"]
             _say(f"{name}: failure rate {s['failure_rate']:.3f} [{lo:.2f}, {hi:.2f}] over {s['count']}, mean IoU "
-                 f"{s['mean_iou']:.3f}, {s['seconds_per_asset']:.1f} s / asset")
+                 f"{s['mean_iou']:.3f}, median volume ratio {s['median_volume_ratio']:.2f}, "
+                 f"{s['seconds_per_asset']:.1f} s / asset")
         for name in REPORT_FILES:
             print(f"wrote {Path(out) / name}")
     return 0

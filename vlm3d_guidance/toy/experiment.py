@@ -92,7 +92,7 @@ def run_condition(pipe, refs, name: str, overrides: dict, critic=None, prompts=N
         skipped = sum(1 for rec in out.trace for s in rec.skipped if s not in (None, "not scheduled"))
         row = Row(ref.name, name, seeds[i], verdict["failed"], verdict["reason"], verdict["iou"], reward, seconds,
                   guided, skipped, mesh, dict(coverage=verdict["coverage"], components=verdict["components"],
-                                              prompt=prompts[i]))
+                                              volume_ratio=verdict["volume_ratio"], prompt=prompts[i]))
         rows.append(row)
         if progress is not None:
             progress(i + 1, len(refs), row)
@@ -100,7 +100,9 @@ def run_condition(pipe, refs, name: str, overrides: dict, critic=None, prompts=N
 
 
 def summarize(rows) -> dict:
-    """Failure rate with its 95 % interval, mean IoU, mean final reward, seconds per asset."""
+    """Failure rate with its 95 % interval, mean IoU, median volume ratio (the judge's
+    ``volume_ratio``: above 1 the outputs swelled; NaN for rows recorded without it), mean final
+    reward, seconds per asset."""
     n = len(rows)
     k = sum(r.failed for r in rows)
     rewards = [r.reward for r in rows if r.reward is not None and math.isfinite(r.reward)]
@@ -110,8 +112,10 @@ def summarize(rows) -> dict:
             for part in r.reason.split("; "):
                 key = "missing part" if part.startswith("missing") else part
                 reasons[key] = reasons.get(key, 0) + 1
+    volumes = [r.extra["volume_ratio"] for r in rows if math.isfinite(r.extra.get("volume_ratio", math.nan))]
     return dict(count=n, failures=k, failure_rate=k / n if n else math.nan, failure_ci95=wilson(k, n),
                 mean_iou=float(np.mean([r.iou for r in rows])) if n else math.nan,
+                median_volume_ratio=float(np.median(volumes)) if volumes else math.nan,
                 mean_reward=float(np.mean(rewards)) if rewards else math.nan,
                 seconds_per_asset=float(np.mean([r.seconds for r in rows])) if n else math.nan,
                 reasons=reasons)
@@ -123,13 +127,16 @@ def handle_present(row) -> bool:
 
 
 def markdown_table(summaries: dict) -> str:
-    """``| condition | failure rate [95 % CI] | mean IoU | reward | s/asset |`` for named summaries."""
-    lines = ["| condition | n | failure rate [95 % CI] | mean IoU | final reward | s / asset |",
-             "|---|--:|---|--:|--:|--:|"]
+    """``| condition | n | failure rate [95 % CI] | mean IoU | volume ratio | reward | s/asset |`` for
+    named summaries (the volume ratio is the median; "-" for summaries recorded without it)."""
+    lines = ["| condition | n | failure rate [95 % CI] | mean IoU | volume ratio (median) | final reward | s / asset |",
+             "|---|--:|---|--:|--:|--:|--:|"]
     for name, s in summaries.items():
         lo, hi = s["failure_ci95"]
+        volume = s.get("median_volume_ratio", math.nan)
+        volume = f"{volume:.2f}" if math.isfinite(volume) else "-"
         lines.append(f"| {name} | {s['count']} | {s['failure_rate']:.3f} [{lo:.2f}, {hi:.2f}] | {s['mean_iou']:.3f} | "
-                     f"{s['mean_reward']:+.2f} | {s['seconds_per_asset']:.1f} |")
+                     f"{volume} | {s['mean_reward']:+.2f} | {s['seconds_per_asset']:.1f} |")
     return "\n".join(lines)
 
 

@@ -95,13 +95,15 @@ def judge(mesh, reference) -> dict:
     Returns:
         dict with ``failed`` (bool), ``reason`` ("ok", "empty", "floating part", "missing <part>",
         or both joined by "; "), ``iou`` (float), ``floating_share`` (area share of all but the
-        largest component), ``components`` (count), ``coverage`` (part name -> covered share).
+        largest component), ``components`` (count), ``coverage`` (part name -> covered share),
+        ``volume_ratio`` (the mesh's interior over the intact object's, on the same lattice: above 1
+        the shape swelled, below 1 it thinned; it does not enter ``failed``).
     """
     obj = reference.object
     truth_parts = obj.intact_parts or obj.parts
     if mesh is None or len(getattr(mesh, "faces", ())) == 0:
         return dict(failed=True, reason="empty", iou=0.0, floating_share=0.0, components=0,
-                    coverage={p.name: 0.0 for p in truth_parts})
+                    coverage={p.name: 0.0 for p in truth_parts}, volume_ratio=0.0)
     parts, areas = _components(mesh)
     total = sum(areas)
     floating = [a for a in areas[1:] if a > FLOAT_AREA_SHARE * total]
@@ -116,6 +118,7 @@ def judge(mesh, reference) -> dict:
     truth = np.logical_or.reduce(list(part_inside.values()))
     union = np.logical_or(truth, pred).sum()
     iou = float(np.logical_and(truth, pred).sum() / union) if union else 0.0
+    volume_ratio = float(pred.sum() / truth.sum()) if truth.any() else float("nan")
 
     reasons = []
     if floating:
@@ -123,7 +126,7 @@ def judge(mesh, reference) -> dict:
     if missing:
         reasons.append("missing " + ", ".join(missing))
     return dict(failed=bool(reasons), reason="; ".join(reasons) or "ok", iou=iou, floating_share=floating_share,
-                components=len(parts), coverage=coverage)
+                components=len(parts), coverage=coverage, volume_ratio=volume_ratio)
 
 
 def judge_surface(verts: torch.Tensor, faces: torch.Tensor, intact) -> dict:
