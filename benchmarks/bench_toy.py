@@ -41,6 +41,9 @@ KNOBS = {
     "query=content only": dict(query="content"),
     "query=geometry only": dict(query="geometry"),
     "gradient=full": dict(gradient="full"),
+    "volume=keep": dict(volume="keep"),
+    "volume=no_growth": dict(volume="no_growth"),
+    "volume=keep from half": dict(volume="keep", volume_start=0.5),
 }
 
 

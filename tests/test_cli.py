@@ -517,6 +517,20 @@ def test_rotate_views_flag_reaches_the_guidance_config():
     assert guidance_config(cli.resolve_settings(parse(["--tiny", "--no-rotate-views"]))).rotate_views is False
 
 
+def test_volume_flag_reaches_the_guidance_config_and_rejects_other_modes():
+    from vlm3d_guidance import cli
+    from vlm3d_guidance.cli.common import UsageError
+    from vlm3d_guidance.cli.settings import guidance_config
+
+    parse = cli.build_parser().parse_args
+    assert guidance_config(cli.resolve_settings(parse(["--tiny"]))).volume == "free"
+    assert guidance_config(cli.resolve_settings(parse(["--tiny", "--volume", "keep"]))).volume == "keep"
+    late = guidance_config(cli.resolve_settings(parse(["--tiny", "--volume", "keep", "--volume-start", "0.5"])))
+    assert (late.volume, late.volume_start) == ("keep", 0.5)
+    with pytest.raises(UsageError, match="--volume: invalid choice: 'shrink'"):
+        parse(["--tiny", "--volume", "shrink"])
+
+
 def test_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     from vlm3d_guidance import outputs
 

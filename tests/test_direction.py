@@ -14,8 +14,9 @@ from PIL import Image
 
 from vlm3d_guidance import GuidanceConfig, GuidedHunyuanPipeline
 from vlm3d_guidance.critic import VLMCritic
-from vlm3d_guidance.geometry import as_stock_export, decode_surface
+from vlm3d_guidance.geometry import as_stock_export, decode_surface, mesh_volume
 from vlm3d_guidance.guidance import StepRecord, reward_and_gradient
+from vlm3d_guidance.guidance.step import project_volume
 from vlm3d_guidance.render import fit_to_points, orbit_cameras, render_views
 from vlm3d_guidance.tiny import build_tiny_qwen, load_tiny_hunyuan_pipeline
 
@@ -179,3 +180,69 @@ def test_full_mode_batch_one_backward_equals_per_item(root, critic64):
         assert gz[1 - b].abs().max() == 0  # the items do not interact in the DiT
         want = cfg.lam * gz[b:b + 1] / gz[b:b + 1].pow(2).mean().sqrt()
         assert torch.allclose(update[b:b + 1].double(), want, rtol=1e-5, atol=1e-9)
+
+
+def _volume_gradient(pipe, x0, cfg=CFG):
+    """V and d V / d x0 of the guidance mesh (as the step places it) from ONE end-to-end backward."""
+    leaf = x0.detach().clone().requires_grad_(True)
+    (v, f), = decode_surface(pipe.vae, leaf, resolution=cfg.grid_resolution, coarse_to_fine=cfg.coarse_to_fine)
+    volume = mesh_volume(as_stock_export(v, OCTREE), f)
+    (gv,) = torch.autograd.grad(volume, leaf)
+    return float(volume.detach()), gv
+
+
+def test_volume_keep_removes_the_volume_direction_and_the_run_applies_it(root, critic64):
+    pipe = load_tiny_hunyuan_pipeline("standard", root=root, dtype=F64)
+    guided = GuidedHunyuanPipeline(pipe, critic64, CFG)
+    x0 = _two_step(guided, "standard", lam=0.0)
+    _, g, cams = _end_to_end(pipe, critic64, x0)
+    volume, gv = _volume_gradient(pipe, x0)
+    assert volume != 0 and float(gv.norm()) > 0
+    want_keep = g - (g * gv).sum() / (gv * gv).sum() * gv
+
+    def step_gradient(mode):
+        return reward_and_gradient(x0, pipe.vae, critic64, PROMPT, cams, box_v=1.01, mc_level=0.0,
+                                   grid_resolution=CFG.grid_resolution, render_size=CFG.render_size,
+                                   shading=CFG.shading, backend="torch", num_chunks=8000, seconds={},
+                                   coarse_to_fine=CFG.coarse_to_fine, export_resolution=OCTREE,
+                                   volume=mode).gradient
+
+    g_free, g_keep, g_no_growth = step_gradient("free"), step_gradient("keep"), step_gradient("no_growth")
+    assert float((g_free - g).norm() / g.norm()) < 1e-9
+    assert float((g_keep - want_keep).norm() / want_keep.norm()) < 1e-9
+    assert abs(float((g_keep * gv).sum())) < 1e-9 * float(g_keep.norm() * gv.norm())
+    grows = float((g * gv).sum()) * volume > 0
+    assert torch.equal(g_no_growth, g_keep if grows else g_free)
+
+    # finite differences of the volume itself: along g it changes at the rate <g, gv>, along the kept
+    # gradient not at first order (central differences, the mesh re-extracted at every point)
+    def volume_at(x):
+        with torch.no_grad():
+            (v, f), = decode_surface(pipe.vae, x, resolution=CFG.grid_resolution, coarse_to_fine=CFG.coarse_to_fine)
+            return float(mesh_volume(as_stock_export(v, OCTREE), f))
+
+    for d, slope in ((g / g.norm(), float((g * gv).sum() / g.norm())), (g_keep / g_keep.norm(), 0.0)):
+        fds = [(volume_at(x0 + e * d) - volume_at(x0 - e * d)) / (2 * e) for e in (1e-3, 3e-4)]
+        print(f"volume slope analytic {slope:+.4e}, fd {fds[0]:+.4e} {fds[1]:+.4e}, |gv| {float(gv.norm()):.3e}")
+        assert min(abs(f - slope) for f in fds) < 0.05 * abs(slope) + 3e-3 * float(gv.norm())
+
+    # the run applies lam * g_keep / rms(g_keep); with volume_start after its guided step, lam * g / rms(g)
+    out = _two_step(guided, "standard", volume="keep", return_dict=True)
+    want = CFG.lam * want_keep / want_keep.pow(2).mean().sqrt()
+    assert float(((out.latents - x0) - want).norm() / want.norm()) < 1e-5
+    late = _two_step(guided, "standard", volume="keep", volume_start=0.5, return_dict=True)
+    want_free = CFG.lam * g / g.pow(2).mean().sqrt()
+    assert float(((late.latents - x0) - want_free).norm() / want_free.norm()) < 1e-5
+
+
+def test_project_volume_on_hand_made_vectors():
+    g = torch.tensor([[[1.0, 2.0, 0.0]]], dtype=F64)
+    gv = torch.tensor([[[0.0, 1.0, 1.0]]], dtype=F64)
+    kept = project_volume(g, gv, torch.tensor(1.0, dtype=F64), "keep")
+    assert torch.allclose(kept, torch.tensor([[[1.0, 1.0, -1.0]]], dtype=F64))  # <g, gv> / <gv, gv> = 1
+    # g grows the shape when the orientation is +1 (<g, gv> = 2 > 0): projected; with -1 it shrinks it: kept as is
+    assert torch.equal(project_volume(g, gv, torch.tensor(1.0, dtype=F64), "no_growth"), kept)
+    assert torch.equal(project_volume(g, gv, torch.tensor(-1.0, dtype=F64), "no_growth"), g)
+    assert torch.equal(project_volume(g, torch.zeros_like(gv), torch.tensor(1.0, dtype=F64), "keep"), g)
+    with pytest.raises(ValueError, match="volume must be"):
+        project_volume(g, gv, torch.tensor(1.0, dtype=F64), "shrink")

@@ -275,6 +275,8 @@ def test_prompt_none_uses_the_critics_description(hunyuan_root, critic):
     (dict(gradient="sideways"), "gradient must be one of 'x0', 'full'"),
     (dict(schedule="zigzag"), "schedule must be one of 'constant', 'linear', 'cosine'"),
     (dict(normalize="l2"), "normalize must be one of 'none', 'rms'"),
+    (dict(volume="shrink"), "volume must be one of 'free', 'keep', 'no_growth'"),
+    (dict(volume_start=1.5), r"volume_start is a fraction of the steps, in \[0, 1\]"),
     (dict(clip=0.0), "clip must be > 0"),
     (dict(start=0.8, end=0.2), "start < end"),
     (dict(every=0), "every must be a positive integer"),
@@ -300,6 +302,15 @@ def test_bad_arguments_fail_before_any_model_runs(hunyuan_root, critic, bad, mat
         for h in hooks:
             h.remove()
     assert calls == []  # rejected before the image encoder, the DiT, the VAE or the critic ran
+
+
+def test_volume_mode_per_step():
+    n = 25  # the toy's step count: progress i / 24
+    late = GuidanceConfig(volume="keep", volume_start=0.5)
+    assert [late.volume_at(i, n) for i in range(n)] == ["free"] * 12 + ["keep"] * 13
+    assert {GuidanceConfig(volume="no_growth").volume_at(i, n) for i in range(n)} == {"no_growth"}
+    assert {GuidanceConfig(volume_start=0.5).volume_at(i, n) for i in range(n)} == {"free"}
+    assert GuidanceConfig(volume="keep", volume_start=1.0).volume_at(n - 1, n) == "keep"
 
 
 def test_lambda_schedules_and_window():

@@ -12,6 +12,7 @@ GRADIENT_MODES = ("x0", "full")
 NORMALIZATIONS = ("none", "rms")
 SHADINGS = ("clay", "normals", "silhouette")
 BACKENDS = ("auto", "torch", "nvdiffrast")
+VOLUME_MODES = ("free", "keep", "no_growth")
 
 
 @dataclass
@@ -49,6 +50,18 @@ class GuidanceConfig:
         normalize: "rms" (default): ``g / rms(g)`` per batch item, scale-free, so ``lam`` means
             the same for any critic or resolution. "none": the raw gradient, as in the paper.
         clip: optional cap on the RMS of the update ``lam_i * normalize(g)`` per item (None = off).
+        volume: what the update may do to the guidance mesh's enclosed volume ``V``. "free"
+            (default): ``g`` as the critic gives it. "keep": ``g`` minus its component along
+            ``dV/dx0`` (pulled back through the decoder like ``g``), before normalising: a step
+            then changes ``V`` only to second order, so the critic's reward cannot be bought by
+            swelling or thinning the shape, only by moving its surface. "no_growth": the same,
+            but only at steps where ``g`` would grow the shape. Costs one more decoder backward
+            per guided step. In "full" mode the projection is made at the clean estimate, before
+            the DiT backward.
+        volume_start: the ``volume`` mode holds from this fraction of the steps on,
+            ``i/(N-1) >= volume_start`` (default 0: the whole run); earlier steps are "free". Early
+            steps lay out the parts, where growing a missing one is a repair; late ones refine them,
+            where growth is swelling (benchmarks/RESULTS.md, tenth session).
         num_views, elevation, fov, render_size, shading, backend: the critic's views. Defaults
             4 views at 20 degrees elevation, 40 degrees fov, 448 px (a multiple of 28, so the
             Qwen-VL preprocessing is exact), clay shading (geometry only, like the paper's
@@ -109,6 +122,8 @@ class GuidanceConfig:
     dit_checkpointing: bool = False
     normalize: str = "rms"
     clip: float | None = None
+    volume: str = "free"
+    volume_start: float = 0.0
     num_views: int = 4
     elevation: float = 20.0
     fov: float = 40.0
@@ -133,6 +148,10 @@ class GuidanceConfig:
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("gradient", self.gradient, GRADIENT_MODES)
         _choice("normalize", self.normalize, NORMALIZATIONS)
+        _choice("volume", self.volume, VOLUME_MODES)
+        _finite("volume_start", self.volume_start)
+        if not 0.0 <= self.volume_start <= 1.0:
+            raise ValueError(f"volume_start is a fraction of the steps, in [0, 1] (got {self.volume_start})")
         _choice("shading", self.shading, SHADINGS)
         _choice("backend", self.backend, BACKENDS)
         _finite("start", self.start)
@@ -193,6 +212,12 @@ class GuidanceConfig:
         if not self.rotate_views:
             return 0.0
         return math.fmod(step * (math.sqrt(5.0) - 1.0) / 2.0, 1.0) * 360.0 / self.num_views
+
+    def volume_at(self, step: int, num_steps: int) -> str:
+        """The ``volume`` mode at sampling step ``step`` of ``num_steps``: ``volume`` from
+        ``volume_start`` on, "free" before."""
+        progress = step / (num_steps - 1) if num_steps > 1 else 1.0
+        return self.volume if progress >= self.volume_start - 1e-9 else "free"
 
     def lam_at(self, step: int, num_steps: int) -> float:
         """Lambda at sampling step ``step`` of ``num_steps`` (0 outside the window or between ``every``)."""

@@ -246,7 +246,8 @@ class GuidedHunyuanPipeline:
                     step_cameras = cfg.cameras(box_v, device, cfg.azimuth_offset(i)) if cfg.rotate_views else cameras
                     update = self._guidance_update(z, noise_pred, sigma, lam, prompts, step_cameras, cfg, record,
                                                    box_v=box_v, mc_level=mc_level, num_chunks=num_chunks,
-                                                   full=full, export_resolution=export_resolution, tracks=tracks)
+                                                   full=full, export_resolution=export_resolution, tracks=tracks,
+                                                   volume=cfg.volume_at(i, num_inference_steps))
                 else:
                     record.skipped = ["not scheduled"] * batch_size
 
@@ -332,7 +333,7 @@ class GuidedHunyuanPipeline:
         return noise_pred
 
     def _guidance_update(self, z, noise_pred, sigma, lam, prompts, cameras, cfg, record, *, box_v,
-                         mc_level, num_chunks, full, export_resolution=None, tracks=None):
+                         mc_level, num_chunks, full, export_resolution=None, tracks=None, volume="free"):
         """``lam * normalize(grad)`` per batch item (zeros for skipped items), or None if none ran.
 
         Each item's reward gradient w.r.t. its clean latent comes from its own decode, render and
@@ -351,7 +352,7 @@ class GuidedHunyuanPipeline:
                 render_size=cfg.render_size, shading=cfg.shading, backend=cfg.backend,
                 num_chunks=num_chunks, seconds=record.seconds, coarse_to_fine=cfg.coarse_to_fine, fill=cfg.fill,
                 export_resolution=export_resolution, track=None if tracks is None else tracks[b],
-                profile=cfg.profile))
+                profile=cfg.profile, volume=volume))
             record.decoding.append(None if tracks is None else tracks[b].last)
         grads = [r.gradient for r in results]
         norms = [(r.grad_norm, r.zero_share) for r in results]

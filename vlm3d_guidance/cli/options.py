@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
-from ..config import BACKENDS, GRADIENT_MODES, SCHEDULES, SHADINGS
+from ..config import BACKENDS, GRADIENT_MODES, SCHEDULES, SHADINGS, VOLUME_MODES
 from ..outputs import MESH_FORMATS
 from .commands import SUBCOMMANDS
 from .common import PROG, _Parser
@@ -67,6 +67,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--normalize", choices=("rms", "none"),
                    help=f"rms: lambda is the RMS of each update; none: raw gradient ({dflt('normalize')})")
     g.add_argument("--clip", type=float, metavar="C", help="cap on the RMS of one update (default: off)")
+    g.add_argument("--volume", choices=VOLUME_MODES,
+                   help="free: the critic's gradient as it is; keep: without its component that changes the "
+                        "guidance mesh's enclosed volume (no swelling, one more decoder backward per step); "
+                        f"no_growth: that only when the step would grow the shape ({dflt('volume')})")
+    g.add_argument("--volume-start", dest="volume_start", type=float, metavar="F",
+                   help=f"--volume holds from this fraction of the steps on; earlier steps are free "
+                        f"({dflt('volume_start')})")
 
     g = parser.add_argument_group("the critic's views")
     g.add_argument("--views", type=int, metavar="N", help=f"views per critic query ({dflt('views')})")

@@ -30,6 +30,8 @@ DEFAULTS = dict(
     dit_checkpointing=False,
     normalize="rms",
     clip=None,
+    volume="free",
+    volume_start=0.0,
     views=4,
     elevation=20.0,
     fov=40.0,
@@ -70,7 +72,8 @@ TINY_NOTICE = (f"{PROG}: --tiny: built-in tiny RANDOM-WEIGHT models. The shapes,
 # GuidanceConfig field <- settings key
 _GUIDANCE_KEYS = dict(lam="lam", schedule="schedule", start="start", end="end", every="every",
                       gradient="gradient", dit_checkpointing="dit_checkpointing", normalize="normalize",
-                      clip="clip", num_views="views", elevation="elevation", fov="fov",
+                      clip="clip", volume="volume", volume_start="volume_start",
+                      num_views="views", elevation="elevation", fov="fov",
                       render_size="render_size", shading="shading", backend="backend",
                       grid_resolution="grid_resolution", coarse_to_fine="coarse_to_fine",
                       rotate_views="rotate_views")

@@ -5,6 +5,7 @@
 - :func:`decode_field` -- dense no-grad SDF from a Hunyuan latent.
 - :func:`decode_surface` -- meshes whose vertices carry gradients to the latent (sparse re-decode).
 - :class:`SurfaceTrack` -- decode around the previous sampling step's surface (:mod:`.track`).
+- :func:`mesh_volume` -- a mesh's enclosed volume, differentiable in its vertices.
 - marching-cubes topology from scikit-image or, on the field's own device, from :mod:`.mc_torch`.
 """
 
@@ -12,6 +13,7 @@ from .decode import decode_field, decode_surface
 from .grid import FieldGrid, as_stock_export
 from .marching_cubes import MCTopology, extract_topology, marching_cubes
 from .track import SurfaceTrack, tracked_sdf
+from .volume import mesh_volume
 
 __all__ = ["FieldGrid", "as_stock_export", "MCTopology", "extract_topology", "marching_cubes", "decode_field",
-           "decode_surface", "SurfaceTrack", "tracked_sdf"]
+           "decode_surface", "SurfaceTrack", "tracked_sdf", "mesh_volume"]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..geometry import as_stock_export, decode_surface
+from ..geometry import as_stock_export, decode_surface, mesh_volume
 from ..geometry.device import read_host
 from ..render import fit_to_points, render_views
 
@@ -145,7 +145,8 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
                         backend: str, num_chunks: int, seconds: dict,
                         want_gradient: bool = True, keep_images: bool = False,
                         coarse_to_fine: bool = False, fill: float | None = None,
-                        export_resolution: int | None = None, track=None, profile: bool = False) -> RewardResult:
+                        export_resolution: int | None = None, track=None, profile: bool = False,
+                        volume: str = "free") -> RewardResult:
     """The critic's reward of one clean latent and its gradient w.r.t. that latent.
 
     Args:
@@ -168,6 +169,10 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         track: a :class:`~vlm3d_guidance.geometry.SurfaceTrack` to decode around the previous
             step's surface (with ``coarse_to_fine``), updated in place; None: no tracking.
         profile: time the stages on CUDA too (synchronising around each, see :func:`timed`).
+        volume: "free" (default) returns the reward's gradient as it is; "keep" and "no_growth"
+            also pull the guidance mesh's enclosed volume back to the latent (one more decode
+            backward) and remove that direction from the gradient (:func:`project_volume`), always
+            or only where the gradient would grow the shape.
 
     The device is read once per call (reward, gradient finiteness and norm in one transfer);
     the backward passes run before it, also when the reward turns out non-finite.
@@ -210,9 +215,15 @@ def reward_and_gradient(x0: torch.Tensor, vae, critic, prompt: str, cameras, *, 
         with timed(seconds, "render_backward", device, profile):
             (g_verts,) = torch.autograd.grad(images, verts_in, g_images)
         with timed(seconds, "decode_backward", device, profile):
-            g_x0 = backward_scaled(verts, leaf, g_verts.to(verts.dtype), vae_dtype)
+            g_x0 = backward_scaled(verts, leaf, g_verts.to(verts.dtype), vae_dtype, retain_graph=volume != "free")
             if g_x0 is not None:  # kept in float32 at least: a float16 cast would underflow it again
                 g_x0 = g_x0.to(torch.promote_types(leaf.dtype, torch.float32))
+            if g_x0 is not None and volume != "free":
+                enclosed = mesh_volume(verts_in, faces)
+                (g_verts_volume,) = torch.autograd.grad(enclosed, verts_in)
+                g_volume = backward_scaled(verts, leaf, g_verts_volume.to(verts.dtype), vae_dtype)
+                if g_volume is not None:
+                    g_x0 = project_volume(g_x0, g_volume.to(g_x0.dtype), enclosed.detach().sign(), volume)
     if g_x0 is None:
         value = float(reward.detach())
         if not math.isfinite(value):
@@ -250,6 +261,34 @@ def reward_of_mesh(verts: torch.Tensor, faces: torch.Tensor, critic, prompt: str
     images = render_views(verts, faces, cameras, size=render_size, shading=shading, backend=backend)
     value = float(critic.reward(images, prompt))
     return value if math.isfinite(value) else None
+
+
+def project_volume(gradient: torch.Tensor, volume_gradient: torch.Tensor, orientation: torch.Tensor,
+                   mode: str) -> torch.Tensor:
+    """The reward's gradient without the part that changes the enclosed volume (to first order).
+
+    ``g - (<g, gv> / <gv, gv>) gv``: a step along the result leaves ``V`` unchanged to first order,
+    as ``<gv, result> = 0``. Read on the device only (no host sync).
+
+    Args:
+        gradient: ``g``, ``[1, L, C]`` gradient of the reward w.r.t. the clean latent.
+        volume_gradient: ``gv``, same shape, gradient of the mesh's signed volume ``V``.
+        orientation: 0-dim, the sign of ``V`` (``+1`` when the faces wind outward), so that
+            ``orientation * gv`` points to growth.
+        mode: "keep" removes the volume direction always; "no_growth" only when ``g`` grows
+            the shape (``<g, orientation * gv> > 0``), so shrinking steps pass unchanged.
+
+    Returns:
+        the projected gradient, shape and dtype of ``gradient`` (``gradient`` itself when ``gv`` is 0).
+    """
+    dot = (gradient * volume_gradient).sum()
+    norm2 = volume_gradient.pow(2).sum()
+    coef = dot / norm2.clamp_min(torch.finfo(norm2.dtype).tiny)
+    if mode == "no_growth":
+        coef = torch.where(dot * orientation > 0, coef, torch.zeros_like(coef))
+    elif mode != "keep":
+        raise ValueError(f"volume must be 'free', 'keep' or 'no_growth' (got {mode!r})")
+    return gradient - coef * volume_gradient
 
 
 def normalized_update(gradient: torch.Tensor, lam: float, normalize: str, clip: float | None) -> torch.Tensor:
