@@ -340,7 +340,8 @@ class GuidedHunyuanPipeline:
         critic pass; in "full" mode ONE backward through the DiT then carries all of them at once
         (``d sum_b <x0_b, g_b> / d z``: batch items do not interact in the DiT, so its row ``b`` is
         item ``b``'s gradient), instead of one backward per item with the graph retained. Each
-        item's gradient check, norm and zero share come back in one device read.
+        item's gradient check, norm and zero share come back in one device read. ``volume`` is this
+        step's :attr:`GuidanceConfig.volume` mode (:meth:`GuidanceConfig.volume_at`).
         """
         pipe = self.pipeline
         x0 = z + (1.0 - sigma) * noise_pred if full else (z.float() + (1.0 - sigma) * noise_pred.float()).clone()

@@ -33,7 +33,8 @@ class StepRecord:
         lam: the scheduled guidance strength at this step (0 when the step is not guided).
         reward: the critic's reward of the clean-latent estimate, one float per batch item
             (None for items where it could not be computed).
-        grad_norm: L2 norm of the raw gradient d r / d latent, one per batch item (None if none).
+        grad_norm: L2 norm of the gradient d r / d latent the update is made from (after the
+            ``volume`` projection where one is set), one per batch item (None if none).
         zero_share: share of that gradient's entries that are exactly 0, one per batch item (None
             if none): a share near 1 means the backward underflowed or is cut somewhere.
         guided: True when a guidance update was added to the step for at least one item.
