@@ -20,8 +20,7 @@ import torch
 
 from vlm3d_guidance import toy
 from vlm3d_guidance.guidance.step import reward_and_gradient
-from vlm3d_guidance.toy.experiment import (ReferenceViewReward, part_meshes, part_pixel_weights, step_arguments,
-                                           unguided_estimates)
+from vlm3d_guidance.toy.experiment import ReferenceViewReward, step_arguments, unguided_estimates
 
 torch.set_num_threads(1)
 w, a, b, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
@@ -48,15 +47,13 @@ def cosine(a, b):
 
 rows = []
 for ref, estimates in unguided_estimates(pipe, refs, (2, 7, 12, 17, 22), seeds=range(a, b), guided=guided or None):
-    parts = part_meshes(ref.object)
     for k, sigma, x0 in estimates:
         c_critic, gc = volume_cosine(pipe.critic, ref.prompt, x0, cams, cfg.fill)
         row = dict(reference=ref.name, step=k, sigma=sigma, critic=c_critic, truth=None, agreement=None,
                    agreement_kept=None)
         if c_critic is not None:
             cameras = gc["free"].cameras
-            plain = ReferenceViewReward.seen_by(ref, cameras, cfg)
-            truth = ReferenceViewReward(plain.truth_views, part_pixel_weights(parts, cameras, cfg))
+            truth = ReferenceViewReward.seen_by(ref, cameras, cfg, part_weighted=True)
             row["truth"], gt = volume_cosine(truth, ref.prompt, x0, cameras, None)
             if row["truth"] is not None:
                 row["agreement"] = cosine(gc["free"].gradient, gt["free"].gradient)
