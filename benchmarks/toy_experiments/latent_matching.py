@@ -1,0 +1,215 @@
+"""Gradient matching in LATENT space: the cosine of the decoder-pulled-back gradients (eleventh session).
+
+`toy.gradient_matching` matches the critic's VERTEX gradient g to the truth's t (``1 - cos(g, t)``).
+Guidance steps along the LATENT gradient ``J^T g`` (``J = d placed verts / d x0``, the decoder and
+marching cubes). The tenth session found the two disagree where it matters: the volume direction is a
+small share of g and t in vertex space but the largest share of the latent step. The decoder's
+Jacobian is nearly low-rank (on six estimates the top 16 of its 512 singular directions hold
+98.4-99.8 % of ``|J|_F^2``, and the top 32 give the latent cosine within 0.003), so the latent
+cosine can be trained without running the decoder: per sample, an orthonormal latent basis ``Q``
+(``[512, k]``: a randomized range finder of ``J^T`` on ``k - 1`` Gaussian vertex probes, plus the
+volume's latent gradient ``gv = J^T dV/dverts``, orthonormalised) and ``B = Q^T J^T`` (``[k, 3V]``, k
+JVPs through the decoder by the double-backward trick) are stored; then ``B g`` are the latent
+gradient's coordinates and the loss is ``1 - cos(B g, B t) + w_keep (r - r_start)^2``.
+
+    python latent_matching.py prep A B OUT.pt           # stock samples of critic-split objects A..B-1, with B
+    python latent_matching.py train CAND OUT.log EPOCHS S1.pt [S2.pt ...]   # one phase from CAND's critic-matched
+    python latent_matching.py check CRITIC S1.pt [S2.pt ...]   # a critic's cosines on train_phase's held-out samples
+    python latent_matching.py spectrum                  # the full decoder Jacobian of 6 estimates: is it low-rank?
+
+CAND is a copy of the shipped weights folder; its critic-matched is replaced. Not shipped unless it
+beats the shipped critic on the toy evaluation (guided_eval.py, judged by geometry).
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from vlm3d_guidance.toy import gradient_matching as gm
+from vlm3d_guidance.toy import models
+
+RANK = 24           # latent basis size (23 probes + the volume direction)
+PHASE = dict(class_repeat=dict(table=2, mug=2))  # and epochs, from the command line
+
+
+def latent_basis(vae, x0, cfg, verts_expected, export_resolution=64, rank=RANK, seed=0):
+    """``(B [k, 3V] float32, gv_coords [k])`` for the clean estimate ``x0 [1, L, C]``: the latent
+    coordinates map of the surface the sample renders (``verts_expected [V, 3]``, placed), or None
+    when the re-extracted surface differs from it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vlm3d_guidance.geometry import as_stock_export, decode_surface, mesh_volume
+
+    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():  # math sdpa: the double backward exists
+        leaf = x0.float().clone().requires_grad_(True)
+        (verts, faces), = decode_surface(vae, leaf, resolution=cfg.grid_resolution, box_v=1.01, mc_level=0.0,
+                                         num_chunks=20000, coarse_to_fine=cfg.coarse_to_fine)
+        placed = as_stock_export(verts.float(), export_resolution, 1.01)
+        if placed.shape != verts_expected.shape or float((placed.detach() - verts_expected).abs().max()) > 1e-4:
+            return None
+        pv = placed.detach().requires_grad_(True)
+        (n_volume,) = torch.autograd.grad(mesh_volume(pv, faces), pv)
+        gen = torch.Generator().manual_seed(seed)
+        probes = [torch.randn(placed.shape, generator=gen) for _ in range(rank - 1)] + [n_volume]
+        cols = [torch.autograd.grad(placed, leaf, p, retain_graph=True)[0].flatten() for p in probes]
+        q, _ = torch.linalg.qr(torch.stack(cols, 1))  # [512, k]
+        w = torch.zeros_like(placed, requires_grad=True)
+        (u,) = torch.autograd.grad(placed, leaf, w, create_graph=True)  # u = J^T w, linear in w
+        rows = [torch.autograd.grad(u, w, q[:, i].reshape(leaf.shape), retain_graph=True)[0].flatten()
+                for i in range(rank)]  # J q_i
+    basis = torch.stack(rows).detach()
+    return basis, basis @ n_volume.flatten()  # B, and B dV/dverts = Q^T gv (the volume's latent coords)
+
+
+def prep(a, b, out):
+    torch.set_num_threads(1)
+    a, b = int(a), int(b)
+    original = gm.matching_sample
+    t_basis = [0.0, 0]
+
+    def with_basis(obj, x0, vae, cfg, truth_mesh=None, parts=None):
+        sample = original(obj, x0, vae, cfg, truth_mesh, parts)
+        if sample is None:
+            return None
+        t0 = time.perf_counter()
+        made = latent_basis(vae, x0, cfg, sample["verts"])
+        t_basis[0] += time.perf_counter() - t0
+        if made is None:
+            t_basis[1] += 1
+            return None
+        basis, volume = made
+        return dict(sample, basis=basis.half(), t_latent=basis @ sample["t_verts"].flatten(), volume_latent=volume)
+
+    gm.matching_sample = with_basis
+    rows = gm.range_samples(models.WEIGHTS_DIR, b, a, b, gm.MATCHING["steps"])
+    torch.save(rows, out)
+    print(f"{len(rows)} samples with latent bases of objects {a}..{b - 1} -> {out}; bases {t_basis[0]:.0f} s, "
+          f"{t_basis[1]} dropped (surface differs)", flush=True)
+
+
+def latent_cosine(critic, sample, cfg, create_graph=False):
+    """``(r, cos(B g, B t))``: the cosine of the critic's and the truth's latent gradients."""
+    reward, grad = gm.vertex_gradient(critic, sample, cfg, create_graph)
+    return reward, F.cosine_similarity(sample["basis"].float() @ grad.flatten(), sample["t_latent"], dim=0)
+
+
+def load_samples(paths):
+    rows = []
+    for p in paths:
+        rows.extend(torch.load(p, weights_only=False))
+    return rows
+
+
+def train(cand, log_path, epochs, *paths):
+    from vlm3d_guidance.critic import VLMCritic
+    from vlm3d_guidance.toy.config import TOY_GUIDANCE
+
+    torch.set_num_threads(2)
+    samples = load_samples(paths)
+    log_file = open(log_path, "a")
+
+    def log(msg):
+        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
+    folder = f"{cand}/{models.MATCHED_CRITIC_FOLDER}"
+    critic = VLMCritic.from_pretrained(folder, device="cpu", dtype="float32", attn_implementation="eager")
+    gm.matching_cosine = latent_cosine  # train_phase and held_out_cosine use the module's matching_cosine
+    t0 = time.perf_counter()
+    history = gm.train_phase(critic, samples, dict(PHASE, epochs=int(epochs)), gm.MATCHING, TOY_GUIDANCE, log)
+    models.save_critic(folder, critic.model)
+    manifest_path = Path(cand) / models.MANIFEST  # the candidate's hashes, so toy.load_pipeline(weights=CAND) verifies
+    manifest = json.loads(manifest_path.read_text())
+    manifest["files"] = {rel: models.sha256(Path(cand) / rel) for rel in manifest["files"]}
+    manifest["total_bytes"] = sum((Path(cand) / rel).stat().st_size for rel in manifest["files"])
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    log(f"latent-matched critic -> {folder}; {time.perf_counter() - t0:.0f} s; held-out latent cosine {history}")
+
+
+def check(critic_folder, *paths):
+    """Per step, on the samples train_phase holds out of ``paths`` (same split): mean vertex cosine,
+    latent cosine, and the latent volume cosines (+ = grows) of the critic's and the truth's gradients."""
+    from vlm3d_guidance.critic import VLMCritic
+    from vlm3d_guidance.toy.config import TOY_GUIDANCE as cfg
+
+    torch.set_num_threads(1)
+    samples = load_samples(paths)
+    _, held = gm.held_out_split(samples, gm.MATCHING["held_share"], np.random.default_rng(gm.MATCHING["seed"]))
+    critic = VLMCritic.from_pretrained(critic_folder, device="cpu", dtype="float32")
+    rows = {}
+    for s in (samples[k] for k in held):
+        _, g = gm.vertex_gradient(critic, s, cfg)
+        gl = s["basis"].float() @ g.flatten()
+        vol = s["volume_latent"]
+        rows.setdefault(s["step"], []).append((
+            float(F.cosine_similarity(g.flatten(), s["t_verts"].flatten(), dim=0)),
+            float(F.cosine_similarity(gl, s["t_latent"], dim=0)),
+            float(F.cosine_similarity(gl, vol, dim=0)), float(F.cosine_similarity(s["t_latent"], vol, dim=0))))
+    print(f"{critic_folder}: {len(held)} held-out samples")
+    print("step    n  vertex cos  latent cos  critic vol cos  truth vol cos")
+    for k in sorted(rows):
+        a = np.array(rows[k])
+        print(f"{k:4d} {len(a):4d}  {a[:, 0].mean():+.3f}      {a[:, 1].mean():+.3f}      {a[:, 2].mean():+.3f}          {a[:, 3].mean():+.3f}")
+    a = np.concatenate([np.array(v) for v in rows.values()])
+    print(f" all {len(a):4d}  {a[:, 0].mean():+.3f}      {a[:, 1].mean():+.3f}      {a[:, 2].mean():+.3f}          {a[:, 3].mean():+.3f}")
+
+
+def spectrum():
+    """The full ``J`` (512 JVPs) at steps 2/12/22 of critic-split objects 0 and 3's stock runs: the
+    share of ``|J|_F^2`` in the top k singular directions, the latent cosine of P4's and the truth's
+    gradients restricted to them against the exact one, and the rank-:data:`RANK` basis's cosine."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from vlm3d_guidance.critic import VLMCritic
+    from vlm3d_guidance.geometry import as_stock_export, decode_surface
+    from vlm3d_guidance.toy.config import TOY_GUIDANCE as cfg
+    from vlm3d_guidance.toy.config import TOY_SAMPLING
+    from vlm3d_guidance.toy.critic_training import recorded_estimates
+    from vlm3d_guidance.toy.references import render_reference
+    from vlm3d_guidance.toy.train import ROLLOUT_SEED, critic_shapes
+
+    torch.set_num_threads(1)
+    pipe = models.load_generator(models.WEIGHTS_DIR)
+    critic = VLMCritic.from_pretrained(str(models.WEIGHTS_DIR / models.MATCHED_CRITIC_FOLDER), device="cpu", dtype="float32")
+    sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
+
+    def cos(a, b):
+        return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+    for i in (0, 3):
+        obj = critic_shapes(4)[i][0]
+        with recorded_estimates(pipe) as estimates:
+            pipe(image=render_reference(obj), generator=torch.Generator().manual_seed(ROLLOUT_SEED + i),
+                 enable_pbar=False, output_type="latent", **sampling)
+        for step in (2, 12, 22):
+            x0 = estimates[step][1]
+            sample = gm.matching_sample(obj, x0, pipe.vae, cfg)
+            with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():
+                leaf = x0.float().clone().requires_grad_(True)
+                (verts, _), = decode_surface(pipe.vae, leaf, resolution=cfg.grid_resolution, box_v=1.01, mc_level=0.0,
+                                             num_chunks=20000, coarse_to_fine=cfg.coarse_to_fine)
+                placed = as_stock_export(verts.float(), 64, 1.01)
+                w = torch.zeros_like(placed, requires_grad=True)
+                (u,) = torch.autograd.grad(placed, leaf, w, create_graph=True)
+                eye = torch.eye(leaf.numel()).reshape((leaf.numel(),) + leaf.shape)
+                (jac,) = torch.autograd.grad(u, w, eye, is_grads_batched=True)
+            jac = jac.reshape(leaf.numel(), -1)  # row a: d placed / d x0_a, so J^T g = jac @ g
+            _, g = gm.vertex_gradient(critic, sample, cfg)
+            g, t = g.flatten(), sample["t_verts"].flatten()
+            _, sv, vh = torch.linalg.svd(jac, full_matrices=False)
+            energy = (sv ** 2).cumsum(0) / (sv ** 2).sum()
+            cells = [f"k {k}: {float(energy[k - 1]):.3f} of |J|^2, cos {cos(sv[:k, None] * vh[:k] @ g, sv[:k, None] * vh[:k] @ t):+.3f}"
+                     for k in (8, 16, 32)]
+            basis, _ = latent_basis(pipe.vae, x0, cfg, sample["verts"])
+            print(f"{obj.cls} step {step}: V {placed.shape[0]}; latent cos exact {cos(jac @ g, jac @ t):+.3f}, "
+                  f"rank-{RANK} basis {cos(basis @ g, basis @ t):+.3f}; vertex cos {cos(g, t):+.3f}; " + "; ".join(cells), flush=True)
+
+
+if __name__ == "__main__":
+    {"prep": prep, "train": train, "check": check, "spectrum": spectrum}[sys.argv[1]](*sys.argv[2:])
