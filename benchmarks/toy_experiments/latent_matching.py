@@ -5,20 +5,22 @@ Guidance steps along the LATENT gradient ``J^T g`` (``J = d placed verts / d x0`
 marching cubes). The tenth session found the two disagree where it matters: the volume direction is a
 small share of g and t in vertex space but the largest share of the latent step. The decoder's
 Jacobian is nearly low-rank (on six estimates the top 16 of its 512 singular directions hold
-98.4-99.8 % of ``|J|_F^2``, and the top 32 give the latent cosine within 0.003), so the latent
+98.4-99.8 % of ``|J|_F^2``, and the top 32 give the latent cosine within 0.006), so the latent
 cosine can be trained without running the decoder: per sample, an orthonormal latent basis ``Q``
 (``[512, k]``: a randomized range finder of ``J^T`` on ``k - 1`` Gaussian vertex probes, plus the
 volume's latent gradient ``gv = J^T dV/dverts``, orthonormalised) and ``B = Q^T J^T`` (``[k, 3V]``, k
 JVPs through the decoder by the double-backward trick) are stored; then ``B g`` are the latent
 gradient's coordinates and the loss is ``1 - cos(B g, B t) + w_keep (r - r_start)^2``.
 
-    python latent_matching.py prep A B OUT.pt           # stock samples of critic-split objects A..B-1, with B
+    python latent_matching.py prep A B OUT.pt           # stock samples of critic-split objects A..B-1, each with its basis
     python latent_matching.py train CAND OUT.log EPOCHS S1.pt [S2.pt ...]   # one phase from CAND's critic-matched
     python latent_matching.py check CRITIC S1.pt [S2.pt ...]   # a critic's cosines on train_phase's held-out samples
     python latent_matching.py spectrum                  # the full decoder Jacobian of 6 estimates: is it low-rank?
 
-CAND is a copy of the shipped weights folder; its critic-matched is replaced. Not shipped unless it
-beats the shipped critic on the toy evaluation (guided_eval.py, judged by geometry).
+CAND is a copy of the shipped weights folder; its critic-matched is replaced (and the manifest's hashes
+updated, so `toy.load_pipeline(weights=CAND)` verifies it). Measured (benchmarks/RESULTS.md, eleventh
+session): L2 (280 objects, 2 epochs) lowered the volume bias and guided 13/64 to failure at lam 0.02,
+IoU 0.672; P4 at the same lam also 13/64, at IoU 0.658. Not shipped.
 """
 import json
 import sys
