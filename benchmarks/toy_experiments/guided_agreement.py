@@ -6,21 +6,15 @@ steps judged (guidance options NAME=VALUE, e.g. lam=0.05) on test references [A,
 2, 7, 12, 17, 22, and measures the same cosines there (`experiment.gradient_agreement(guided=...)`).
 Usage: python guided_agreement.py WEIGHTS A B OUT.json [NAME=VALUE ...]   (WEIGHTS: "shipped" or a folder)
 """
-import ast
 import json
-import sys
 
 import numpy as np
-import torch
 
-from vlm3d_guidance import toy
+from toy_run_args import toy_run_args
 from vlm3d_guidance.toy.experiment import gradient_agreement
 
-torch.set_num_threads(1)
-w, a, b, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-guided = {k: ast.literal_eval(v) for k, v in (arg.split("=", 1) for arg in sys.argv[5:])}
-pipe = toy.load_pipeline(weights=None if w == "shipped" else w)
-refs = toy.references("test", count=b - a, seed=0, start=a)
+run = toy_run_args()
+pipe, refs, a, b, out, guided = run.pipe, run.refs, run.a, run.b, run.out, run.options
 rows = gradient_agreement(pipe, refs, (2, 7, 12, 17, 22), seeds=range(a, b), guided=guided or None)
 json.dump(dict(guided=guided, rows=rows), open(out, "w"), indent=1)
 cs = np.array([r["cosine_parts"] for r in rows if r["cosine_parts"] is not None])

@@ -3,19 +3,15 @@ component removed (g - BETA * <g, gv>/<gv, gv> gv; BETA 1 is the package's volum
 guidance options NAME=VALUE on top of the toy defaults. Experiment only: it replaces the step's
 `project_volume` in its own process.
 Usage: python volume_damped.py WEIGHTS A B OUT.json BETA [NAME=VALUE ...]"""
-import ast
 import json
-import sys
-
-import torch
 
 import vlm3d_guidance.guidance.step as step_module
-from vlm3d_guidance import toy
+from toy_run_args import toy_run_args
 from vlm3d_guidance.toy.experiment import run_condition, summarize
 
-torch.set_num_threads(1)
-w, a, b, out, beta = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
-overrides = {k: ast.literal_eval(v) for k, v in (arg.split("=", 1) for arg in sys.argv[6:])}
+run = toy_run_args(extra=1)
+pipe, refs, a, b, out, overrides = run.pipe, run.refs, run.a, run.b, run.out, run.options
+beta = float(run.extra[0])
 stock_projection = step_module.project_volume
 
 
@@ -24,8 +20,6 @@ def damped(gradient, volume_gradient, orientation, mode):
 
 
 step_module.project_volume = damped
-pipe = toy.load_pipeline(weights=None if w == "shipped" else w)
-refs = toy.references("test", count=b - a, seed=0, start=a)
 
 
 def show(done, total, row):
@@ -33,7 +27,7 @@ def show(done, total, row):
           round(row.extra["volume_ratio"], 2), flush=True)
 
 
-name = f"guided volume keep x{beta:g} " + " ".join(sys.argv[6:])
+name = f"guided volume keep x{beta:g} " + " ".join(run.option_args)
 rows = run_condition(pipe, refs, name, dict(overrides, volume="keep"), seeds=range(a, b), progress=show)
 json.dump([r.to_dict() for r in rows], open(out, "w"), indent=1)
 s = summarize(rows)

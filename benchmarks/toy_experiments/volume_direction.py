@@ -11,22 +11,17 @@ critic's agreement with the truth split in two: the cosine of the two gradients 
 ("agreement") and of what is left of each after its volume direction is removed ("agreement_kept").
 Usage: python volume_direction.py WEIGHTS A B OUT.json [NAME=VALUE ...]   (WEIGHTS: "shipped" or a folder)
 """
-import ast
 import json
-import sys
 
 import numpy as np
 import torch
 
-from vlm3d_guidance import toy
+from toy_run_args import toy_run_args
 from vlm3d_guidance.guidance.step import reward_and_gradient
 from vlm3d_guidance.toy.experiment import ReferenceViewReward, step_arguments, unguided_estimates
 
-torch.set_num_threads(1)
-w, a, b, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-guided = {k: ast.literal_eval(v) for k, v in (arg.split("=", 1) for arg in sys.argv[5:])}
-pipe = toy.load_pipeline(weights=None if w == "shipped" else w)
-refs = toy.references("test", count=b - a, seed=0, start=a)
+run = toy_run_args()
+pipe, refs, a, b, out, guided = run.pipe, run.refs, run.a, run.b, run.out, run.options
 cfg, cams = pipe.config, pipe.config.cameras()
 common = step_arguments(cfg)
 
