@@ -13,19 +13,17 @@ JVPs through the decoder by the double-backward trick) are stored; then ``B g`` 
 gradient's coordinates and the loss is ``1 - cos(B g, B t) + w_keep (r - r_start)^2``.
 
     python latent_matching.py prep A B OUT.pt           # stock samples of critic-split objects A..B-1, each with its basis
-    python latent_matching.py train CAND OUT.log EPOCHS S1.pt [S2.pt ...]   # one phase from CAND's critic-matched
+    python latent_matching.py train OUT OUT.log EPOCHS S1.pt [S2.pt ...]   # one phase from the shipped critic-matched
+    python gradient_matching_candidate.py OUT CAND      # the shipped weights with OUT's critic, for guided_eval.py
     python latent_matching.py check CRITIC S1.pt [S2.pt ...]   # a critic's cosines on train_phase's held-out samples
     python latent_matching.py spectrum                  # the full decoder Jacobian of 6 estimates: is it low-rank?
 
-CAND is a copy of the shipped weights folder; its critic-matched is replaced (and the manifest's hashes
-updated, so `toy.load_pipeline(weights=CAND)` verifies it). Measured (benchmarks/RESULTS.md, eleventh
+Measured (benchmarks/RESULTS.md, eleventh
 session): L2 (280 objects, 2 epochs) lowered the volume bias and guided 13/64 to failure at lam 0.02,
 IoU 0.672; P4 at the same lam also 13/64, at IoU 0.658. Not shipped.
 """
-import json
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -106,7 +104,8 @@ def load_samples(paths):
     return rows
 
 
-def train(cand, log_path, epochs, *paths):
+def train(out, log_path, epochs, *paths):
+    """One latent phase from the shipped matched critic (P4); the critic is saved to the folder ``out``."""
     from vlm3d_guidance.critic import VLMCritic
     from vlm3d_guidance.toy.config import TOY_GUIDANCE
 
@@ -120,18 +119,12 @@ def train(cand, log_path, epochs, *paths):
         log_file.write(line + "\n")
         log_file.flush()
 
-    folder = f"{cand}/{models.MATCHED_CRITIC_FOLDER}"
-    critic = VLMCritic.from_pretrained(folder, device="cpu", dtype="float32", attn_implementation="eager")
+    critic = VLMCritic.from_pretrained(str(models.WEIGHTS_DIR / models.MATCHED_CRITIC_FOLDER), device="cpu", dtype="float32", attn_implementation="eager")
     gm.matching_cosine = latent_cosine  # train_phase and held_out_cosine use the module's matching_cosine
     t0 = time.perf_counter()
     history = gm.train_phase(critic, samples, dict(PHASE, epochs=int(epochs)), gm.MATCHING, TOY_GUIDANCE, log)
-    models.save_critic(folder, critic.model)
-    manifest_path = Path(cand) / models.MANIFEST  # the candidate's hashes, so toy.load_pipeline(weights=CAND) verifies
-    manifest = json.loads(manifest_path.read_text())
-    manifest["files"] = {rel: models.sha256(Path(cand) / rel) for rel in manifest["files"]}
-    manifest["total_bytes"] = sum((Path(cand) / rel).stat().st_size for rel in manifest["files"])
-    manifest_path.write_text(json.dumps(manifest, indent=2))
-    log(f"latent-matched critic -> {folder}; {time.perf_counter() - t0:.0f} s; held-out latent cosine {history}")
+    models.save_critic(out, critic.model)
+    log(f"latent-matched critic -> {out}; {time.perf_counter() - t0:.0f} s; held-out latent cosine {history}")
 
 
 def check(critic_folder, *paths):
@@ -184,8 +177,9 @@ def spectrum():
     def cos(a, b):
         return float(F.cosine_similarity(a.flatten(), b.flatten(), dim=0))
 
+    shapes = critic_shapes(4)
     for i in (0, 3):
-        obj = critic_shapes(4)[i][0]
+        obj = shapes[i][0]
         with recorded_estimates(pipe) as estimates:
             pipe(image=render_reference(obj), generator=torch.Generator().manual_seed(ROLLOUT_SEED + i),
                  enable_pbar=False, output_type="latent", **sampling)
