@@ -173,11 +173,11 @@ def test_two_jobs_then_a_resumed_phase_make_the_critic_one_uninterrupted_run_mak
     assert "was not made by phases 0..0 of this recipe" in capsys.readouterr().err
     assert gm.main(["--quick", "--resume-phase", "1", "--weights", str(two), "--work", str(tmp_path / "w2")]) == 0
 
-    cache = f"samples_{gm.QUICK['objects']}_{'-'.join(map(str, gm.QUICK['steps']))}.pt"
+    cache = f"samples_{gm.QUICK['objects']}_{'-'.join(map(str, gm.QUICK['steps']))}_rank{gm.QUICK['basis_rank']}.pt"
     serial, parallel = (torch.load(tmp_path / w / cache, weights_only=False) for w in ("w1", "w2"))
     assert [(s["i"], s["step"]) for s in parallel] == [(s["i"], s["step"]) for s in serial] and len(serial) == 6
     for a, b in zip(serial, parallel):
-        for key in ("verts", "faces", "V", "t_verts"):
+        for key in ("verts", "faces", "V", "t_verts", "basis", "t_latent", "volume_latent"):
             assert torch.equal(a[key], b[key]), key
     critics = [load_file(str(w / models.MATCHED_CRITIC_FOLDER / "model.safetensors")) for w in (one, two)]
     assert critics[0].keys() == critics[1].keys()
@@ -203,3 +203,4 @@ def test_the_toy_loads_the_shipped_matched_critic_by_default():
         assert torch.equal(loaded, stored[folder][key]), (critic, folder)
     with pytest.raises(ValueError, match="use 'matched'"):
         toy.load_pipeline(critic="best")
+

@@ -12,18 +12,21 @@ volume's latent gradient ``gv = J^T dV/dverts``, orthonormalised) and ``B = Q^T 
 JVPs through the decoder by the double-backward trick) are stored; then ``B g`` are the latent
 gradient's coordinates and the loss is ``1 - cos(B g, B t) + w_keep (r - r_start)^2``.
 
-    python latent_matching.py prep A B OUT.pt           # stock samples of critic-split objects A..B-1, each with its basis
-    python latent_matching.py train OUT OUT.log EPOCHS S1.pt [S2.pt ...]   # one phase from the shipped critic-matched
-    python gradient_matching_candidate.py OUT CAND      # the shipped weights with OUT's critic, for guided_eval.py
+The eleventh session ran this as an experiment (its ``prep`` and ``train`` commands); the twelfth
+moved both into the package: :mod:`vlm3d_guidance.toy.latent_basis` and the latent phase (phase 4)
+of ``python -m vlm3d_guidance.toy.gradient_matching``, which made the shipped critic (L2 below)
+from these samples. What stays here is the analysis:
+
     python latent_matching.py check CRITIC S1.pt [S2.pt ...]   # a critic's cosines on train_phase's held-out samples
     python latent_matching.py spectrum                  # the full decoder Jacobian of 6 estimates: is it low-rank?
 
-Measured (benchmarks/RESULTS.md, eleventh
-session): L2 (280 objects, 2 epochs) lowered the volume bias and guided 13/64 to failure at lam 0.02,
-IoU 0.672; P4 at the same lam also 13/64, at IoU 0.658. Not shipped.
+(``S*.pt``: samples with bases, e.g. the command's cache ``samples_280_..._rank24.pt``; ``spectrum``
+uses the package's matched critic, P4 when it was run.)
+
+Measured (benchmarks/RESULTS.md, eleventh session): L2 (280 objects, 2 epochs) lowered the volume
+bias and guided 13/64 to failure at lam 0.02, IoU 0.672; P4 at the same lam also 13/64, at IoU 0.658.
 """
 import sys
-import time
 
 import numpy as np
 import torch
@@ -31,70 +34,9 @@ import torch.nn.functional as F
 
 from vlm3d_guidance.toy import gradient_matching as gm
 from vlm3d_guidance.toy import models
+from vlm3d_guidance.toy.latent_basis import BASIS_RANK, latent_basis
 
-RANK = 24           # latent basis size (23 probes + the volume direction)
-PHASE = dict(class_repeat=dict(table=2, mug=2))  # and epochs, from the command line
-
-
-def latent_basis(vae, x0, cfg, verts_expected, export_resolution=64, rank=RANK, seed=0):
-    """``(B [k, 3V] float32, gv_coords [k])`` for the clean estimate ``x0 [1, L, C]``: the latent
-    coordinates map of the surface the sample renders (``verts_expected [V, 3]``, placed), or None
-    when the re-extracted surface differs from it."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    from vlm3d_guidance.geometry import as_stock_export, decode_surface, mesh_volume
-
-    with sdpa_kernel(SDPBackend.MATH), torch.enable_grad():  # math sdpa: the double backward exists
-        leaf = x0.float().clone().requires_grad_(True)
-        (verts, faces), = decode_surface(vae, leaf, resolution=cfg.grid_resolution, box_v=1.01, mc_level=0.0,
-                                         num_chunks=20000, coarse_to_fine=cfg.coarse_to_fine)
-        placed = as_stock_export(verts.float(), export_resolution, 1.01)
-        if placed.shape != verts_expected.shape or float((placed.detach() - verts_expected).abs().max()) > 1e-4:
-            return None
-        pv = placed.detach().requires_grad_(True)
-        (n_volume,) = torch.autograd.grad(mesh_volume(pv, faces), pv)
-        gen = torch.Generator().manual_seed(seed)
-        probes = [torch.randn(placed.shape, generator=gen) for _ in range(rank - 1)] + [n_volume]
-        cols = [torch.autograd.grad(placed, leaf, p, retain_graph=True)[0].flatten() for p in probes]
-        q, _ = torch.linalg.qr(torch.stack(cols, 1))  # [512, k]
-        w = torch.zeros_like(placed, requires_grad=True)
-        (u,) = torch.autograd.grad(placed, leaf, w, create_graph=True)  # u = J^T w, linear in w
-        rows = [torch.autograd.grad(u, w, q[:, i].reshape(leaf.shape), retain_graph=True)[0].flatten()
-                for i in range(rank)]  # J q_i
-    basis = torch.stack(rows).detach()
-    return basis, basis @ n_volume.flatten()  # B, and B dV/dverts = Q^T gv (the volume's latent coords)
-
-
-def prep(a, b, out):
-    torch.set_num_threads(1)
-    a, b = int(a), int(b)
-    original = gm.matching_sample
-    t_basis = [0.0, 0]
-
-    def with_basis(obj, x0, vae, cfg, truth_mesh=None, parts=None):
-        sample = original(obj, x0, vae, cfg, truth_mesh, parts)
-        if sample is None:
-            return None
-        t0 = time.perf_counter()
-        made = latent_basis(vae, x0, cfg, sample["verts"])
-        t_basis[0] += time.perf_counter() - t0
-        if made is None:
-            t_basis[1] += 1
-            return None
-        basis, volume = made
-        return dict(sample, basis=basis.half(), t_latent=basis @ sample["t_verts"].flatten(), volume_latent=volume)
-
-    gm.matching_sample = with_basis
-    rows = gm.range_samples(models.WEIGHTS_DIR, b, a, b, gm.MATCHING["steps"])
-    torch.save(rows, out)
-    print(f"{len(rows)} samples with latent bases of objects {a}..{b - 1} -> {out}; bases {t_basis[0]:.0f} s, "
-          f"{t_basis[1]} dropped (surface differs)", flush=True)
-
-
-def latent_cosine(critic, sample, cfg, create_graph=False):
-    """``(r, cos(B g, B t))``: the cosine of the critic's and the truth's latent gradients."""
-    reward, grad = gm.vertex_gradient(critic, sample, cfg, create_graph)
-    return reward, F.cosine_similarity(sample["basis"].float() @ grad.flatten(), sample["t_latent"], dim=0)
+RANK = BASIS_RANK   # latent basis size (23 probes + the volume direction)
 
 
 def load_samples(paths):
@@ -102,29 +44,6 @@ def load_samples(paths):
     for p in paths:
         rows.extend(torch.load(p, weights_only=False))
     return rows
-
-
-def train(out, log_path, epochs, *paths):
-    """One latent phase from the shipped matched critic (P4); the critic is saved to the folder ``out``."""
-    from vlm3d_guidance.critic import VLMCritic
-    from vlm3d_guidance.toy.config import TOY_GUIDANCE
-
-    torch.set_num_threads(2)
-    samples = load_samples(paths)
-    log_file = open(log_path, "a")
-
-    def log(msg):
-        line = f"[{time.strftime('%H:%M:%S')}] {msg}"
-        print(line, flush=True)
-        log_file.write(line + "\n")
-        log_file.flush()
-
-    critic = VLMCritic.from_pretrained(str(models.WEIGHTS_DIR / models.MATCHED_CRITIC_FOLDER), device="cpu", dtype="float32", attn_implementation="eager")
-    gm.matching_cosine = latent_cosine  # train_phase and held_out_cosine use the module's matching_cosine
-    t0 = time.perf_counter()
-    history = gm.train_phase(critic, samples, dict(PHASE, epochs=int(epochs)), gm.MATCHING, TOY_GUIDANCE, log)
-    models.save_critic(out, critic.model)
-    log(f"latent-matched critic -> {out}; {time.perf_counter() - t0:.0f} s; held-out latent cosine {history}")
 
 
 def check(critic_folder, *paths):
@@ -208,4 +127,4 @@ def spectrum():
 
 
 if __name__ == "__main__":
-    {"prep": prep, "train": train, "check": check, "spectrum": spectrum}[sys.argv[1]](*sys.argv[2:])
+    {"check": check, "spectrum": spectrum}[sys.argv[1]](*sys.argv[2:])

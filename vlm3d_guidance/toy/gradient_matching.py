@@ -21,6 +21,12 @@ sampling run, the clean estimate ``x0`` at one of :data:`MATCHING` ``["steps"]``
   verdicts of the critic the phase started from). ``dr/dV`` is differentiated again
   (``create_graph``), so the critic runs with eager attention (sdpa has no double backward on CPU).
 
+A phase with ``space="latent"`` matches the decoder's pull-backs instead, ``1 - cos(B g, B t)``
+with each sample's stored latent basis ``B`` (:mod:`.latent_basis`): guidance steps along
+``J^T g``, not ``g``, and vertex matching left the critic's latent step biased towards growing the
+shape (its latent volume cosine +0.62 on held-out estimates, the truth's +0.34; after the latent
+phase +0.48).
+
 Training runs in :data:`MATCHING` ``["phases"]`` (each its own one-cycle schedule and ``r_start``),
 holding out ``held_share`` of the objects (their cosine is logged per epoch and kept in the
 manifest). A phase with ``on_policy`` first lets the critic as it stands guide the first
@@ -33,7 +39,10 @@ makes the samples in N processes (the same rows); ``--resume-phase K`` starts fr
 matched critic, made by phases ``0..K-1`` of the same recipe, and runs the rest.
 The shipped matched critic is the one these settings describe: phases 0-2 were run as separate
 scripts over several sessions (``benchmarks/toy_experiments/gradient_matching_*``), phase 3 by this
-command (``--resume-phase 3``, its samples made again by this module); measured times in the manifest.
+command (``--resume-phase 3``, its samples made again by this module), phase 4 by this command
+(``--resume-phase 4``) on samples with bases made by ``benchmarks/toy_experiments/latent_matching.py
+prep`` (equal, tensor for tensor, to this module's on the objects checked); measured times and the
+provenance in the manifest.
 """
 
 from __future__ import annotations
@@ -51,15 +60,19 @@ import torch
 import torch.nn.functional as F
 
 from . import models
+from .latent_basis import BASIS_RANK, latent_cosine, with_latent_basis
 
-#: the shipped matched critic's recipe: 280 critic-split objects, 9 estimates each (2,520 samples),
-#: four phases (the last two show tables' and mugs' samples twice per epoch: the classes that fail)
+#: the shipped matched critic's recipe: 280 critic-split objects, 9 estimates each (2,520 samples,
+#: each with a rank-``basis_rank`` latent basis), five phases: four in vertex space, then one in
+#: latent space (the last three show tables' and mugs' samples twice per epoch: the classes that fail)
 MATCHING = dict(objects=280, steps=[2, 5, 7, 10, 12, 15, 17, 20, 22], lr=1e-4, w_keep=0.05, batch=8,
-                held_share=0.1, seed=0,
+                held_share=0.1, seed=0, basis_rank=BASIS_RANK,
                 phases=[dict(epochs=2), dict(epochs=2), dict(epochs=3, class_repeat=dict(table=2, mug=2)),
-                        dict(epochs=2, class_repeat=dict(table=2, mug=2))])
-QUICK = dict(MATCHING, objects=3, steps=[2, 22], batch=2,
-             phases=[dict(epochs=1), dict(epochs=1, class_repeat=dict(table=2), on_policy=dict(objects=1, lams=(0.05,)))])
+                        dict(epochs=2, class_repeat=dict(table=2, mug=2)),
+                        dict(epochs=2, class_repeat=dict(table=2, mug=2), space="latent")])
+QUICK = dict(MATCHING, objects=3, steps=[2, 22], batch=2, basis_rank=4,
+             phases=[dict(epochs=1), dict(epochs=1, class_repeat=dict(table=2), on_policy=dict(objects=1, lams=(0.05,)),
+                                          space="latent")])
 
 
 def matching_sample(obj, x0: torch.Tensor, vae, cfg, truth_mesh=None, parts=None) -> dict | None:
@@ -108,7 +121,7 @@ def part_weighted_target(verts, faces, cams, truth_mesh, parts, cfg):
 
 
 def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, start: int = 0,
-                     lams: list | None = None) -> list[dict]:
+                     lams: list | None = None, basis_rank: int | None = None) -> list[dict]:
     """The samples of critic-split ``shapes`` (``[(ToyObject, _)]``, object ``start + j``): each
     object's unguided run of hy3dgen's ``pipeline`` (seed ``ROLLOUT_SEED + i``, ``sampling``
     arguments) recorded, one :func:`matching_sample` per step in ``steps``, tagged with ``i``,
@@ -118,6 +131,9 @@ def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, st
     :class:`~vlm3d_guidance.GuidedHunyuanPipeline` and object ``start + j`` runs GUIDED by its critic
     at ``lam = lams[j]`` with the object's own description (same seed); the estimates are the ones
     its guided steps judged, and the samples are also tagged ``source="guided lam <lam>"``.
+
+    With ``basis_rank`` each sample also gets its latent basis (:func:`.latent_basis.with_latent_basis`,
+    for latent phases); an estimate whose surface the basis cannot reproduce is dropped.
     """
     from .critic_training import recorded_estimates
     from .experiment import part_meshes
@@ -140,6 +156,8 @@ def matching_samples(pipeline, shapes, steps, cfg, sampling: dict, log=print, st
         for k in steps:
             sigma, x0 = estimates[k]
             sample = matching_sample(obj, x0, stock.vae, cfg, truth, parts)
+            if sample is not None and basis_rank:
+                sample = with_latent_basis(sample, stock.vae, x0, cfg, basis_rank)
             if sample is not None:
                 rows.append(dict(sample, i=i, step=k, sigma=sigma, **tag))
         if j % 20 == 0 or j == len(shapes) - 1:
@@ -156,23 +174,24 @@ def on_policy_lams(on_policy: dict) -> list:
 
 def _samples_worker(job: tuple) -> str:
     """One process's share of :func:`range_samples` (``job = (weights, objects, start, stop, steps,
-    path, critic, lams)``, one torch thread), saved to ``path``; spawned by :func:`sample_objects`."""
-    weights, objects, start, stop, steps, path, critic, lams = job
+    path, critic, lams, basis_rank)``, one torch thread), saved to ``path``; spawned by :func:`sample_objects`."""
+    weights, objects, start, stop, steps, path, critic, lams, basis_rank = job
     torch.set_num_threads(1)
     rows = range_samples(weights, objects, start, stop, steps,
                          log=lambda msg: print(f"[{time.strftime('%H:%M:%S')}] [{start}-{stop - 1}] {msg}", flush=True),
-                         critic=critic, lams=lams)
+                         critic=critic, lams=lams, basis_rank=basis_rank)
     torch.save(rows, path)
     return path
 
 
 def range_samples(weights, objects: int, start: int, stop: int, steps: list, log=print,
-                  critic: str | None = None, lams: list | None = None) -> list[dict]:
+                  critic: str | None = None, lams: list | None = None, basis_rank: int | None = None) -> list[dict]:
     """:func:`matching_samples` of critic-split objects ``start .. stop-1`` (of the first ``objects``),
     with the generator in ``weights`` at the toy's sampling and guidance settings. On-policy: with
     ``critic`` (a saved critic's folder) and ``lams`` (one per object ``0 .. objects-1``) the runs are
     guided by that critic (as :func:`vlm3d_guidance.toy.load_pipeline` builds it, at :data:`TOY_SAMPLING`
-    with its export resolution, which places the surface the guided step judges)."""
+    with its export resolution, which places the surface the guided step judges). ``basis_rank``: see
+    :func:`matching_samples`."""
     from .config import TOY_GUIDANCE, TOY_SAMPLING
     from .train import critic_shapes
 
@@ -180,28 +199,29 @@ def range_samples(weights, objects: int, start: int, stop: int, steps: list, log
     shapes = critic_shapes(objects)[start:stop]
     if critic is None:
         sampling = {k: v for k, v in TOY_SAMPLING.items() if k != "octree_resolution"}
-        return matching_samples(pipeline, shapes, steps, TOY_GUIDANCE, sampling, log, start=start)
+        return matching_samples(pipeline, shapes, steps, TOY_GUIDANCE, sampling, log, start=start, basis_rank=basis_rank)
     from ..critic import VLMCritic
     from ..pipeline import GuidedHunyuanPipeline
 
     guided = GuidedHunyuanPipeline(pipeline=pipeline, critic=VLMCritic.from_pretrained(critic, device="cpu", dtype="float32"),
                                    config=TOY_GUIDANCE)
     return matching_samples(guided, shapes, steps, TOY_GUIDANCE, dict(TOY_SAMPLING), log, start=start,
-                            lams=lams[start:stop])
+                            lams=lams[start:stop], basis_rank=basis_rank)
 
 
 def sample_objects(weights: Path, objects: int, steps: list, jobs: int, work: Path, log=print,
-                   critic: str | None = None, lams: list | None = None) -> list[dict]:
+                   critic: str | None = None, lams: list | None = None, basis_rank: int | None = None) -> list[dict]:
     """:func:`range_samples` of the first ``objects`` critic-split objects: in this process when
     ``jobs`` is 1, else split into ``jobs`` contiguous ranges run in spawned processes of one thread
     each; the same rows, in the same order, either way (each object samples with its own seed)."""
     import multiprocessing
 
     if jobs <= 1:
-        return range_samples(weights, objects, 0, objects, steps, log, critic=critic, lams=lams)
+        return range_samples(weights, objects, 0, objects, steps, log, critic=critic, lams=lams, basis_rank=basis_rank)
     bounds = np.linspace(0, objects, jobs + 1).round().astype(int)
     kind = "samples" if critic is None else "on_policy"
-    tasks = [(str(weights), objects, int(a), int(b), list(steps), str(work / f"{kind}_part_{a}_{b}.pt"), critic, lams)
+    tasks = [(str(weights), objects, int(a), int(b), list(steps), str(work / f"{kind}_part_{a}_{b}.pt"), critic, lams,
+              basis_rank)
              for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     with multiprocessing.get_context("spawn").Pool(len(tasks)) as pool:
         paths = pool.map(_samples_worker, tasks)
@@ -244,9 +264,18 @@ def held_out_split(samples: list[dict], share: float, rng: np.random.Generator) 
     return train, [k for k, s in enumerate(samples) if s["i"] in held_objects]
 
 
-def held_out_cosine(critic, samples: list[dict], idx: list[int], cfg) -> dict:
-    """Mean cosine of :func:`matching_cosine` over ``idx``: ``all``, ``positive`` share, by class."""
-    cos = [float(matching_cosine(critic, samples[k], cfg)[1]) for k in idx]
+def phase_cosine(phase: dict):
+    """The cosine a phase matches: :func:`matching_cosine` (vertex gradients; ``space`` absent or
+    ``"vertex"``) or :func:`.latent_basis.latent_cosine` (``space="latent"``: the decoder's pull-backs)."""
+    space = phase.get("space", "vertex")
+    if space not in ("vertex", "latent"):
+        raise ValueError(f"phase space={space!r}: use 'vertex' or 'latent'")
+    return latent_cosine if space == "latent" else matching_cosine
+
+
+def held_out_cosine(critic, samples: list[dict], idx: list[int], cfg, cosine=matching_cosine) -> dict:
+    """Mean ``cosine`` (default :func:`matching_cosine`) over ``idx``: ``all``, ``positive`` share, by class."""
+    cos = [float(cosine(critic, samples[k], cfg)[1]) for k in idx]
     by_class: dict = {}
     for k, c in zip(idx, cos):
         by_class.setdefault(samples[k]["cls"], []).append(c)
@@ -258,8 +287,10 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
     """One phase of matching: ``phase["epochs"]`` epochs of AdamW (``sizes["lr"]`` one-cycle, weight
     decay 0.01, gradient clip 1.0, batch ``sizes["batch"]``) on the loss of the module docstring,
     anchored to the rewards the critic gives at the phase's start. ``phase["class_repeat"]`` shows a
-    class's training samples that many times per epoch. Returns the held-out cosine per epoch
-    (the first entry: before training)."""
+    class's training samples that many times per epoch; ``phase["space"]`` picks the cosine
+    (:func:`phase_cosine`; a latent phase needs samples with bases). Returns the held-out cosine per
+    epoch, in the phase's space (the first entry: before training)."""
+    cosine = phase_cosine(phase)
     rng = np.random.default_rng(sizes["seed"])  # the split, then the epochs' shuffles: the same every phase
     train, held = held_out_split(samples, sizes["held_share"], rng)
     repeat = phase.get("class_repeat", {})
@@ -267,7 +298,7 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
     model = critic.model
     with torch.no_grad():
         start_reward = [float(critic.reward(s["V"].float() / 255, s["prompt"])) for s in samples]
-    history = [held_out_cosine(critic, samples, held, cfg)]
+    history = [held_out_cosine(critic, samples, held, cfg, cosine)]
     log(f"matching phase {phase}: {len(train)} training samples, {len(held)} held out; before {history[0]}")
     model.requires_grad_(True)
     model.train()
@@ -282,7 +313,7 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
             chunk = train[b0:b0 + sizes["batch"]]
             opt.zero_grad(set_to_none=True)
             for k in chunk:
-                reward, cos = matching_cosine(critic, samples[k], cfg, create_graph=True)
+                reward, cos = cosine(critic, samples[k], cfg, create_graph=True)
                 loss = ((1 - cos) + sizes["w_keep"] * (reward - start_reward[k]) ** 2) / len(chunk)
                 if not torch.isfinite(loss):  # a degenerate sample must not poison the weights: skip it, say so
                     skipped.append(k)
@@ -297,7 +328,7 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
             opt.step()
             schedule.step()
         model.eval()
-        history.append(held_out_cosine(critic, samples, held, cfg))
+        history.append(held_out_cosine(critic, samples, held, cfg, cosine))
         model.train()
         note = f"; skipped {len(skipped)} non-finite samples (objects {sorted({samples[k]['i'] for k in skipped})})" if skipped else ""
         log(f"  epoch {epoch}: train cos {np.mean(cosines) if cosines else float('nan'):+.3f}; held out {history[-1]} "
@@ -308,7 +339,7 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
 
 
 def on_policy_samples(critic, weights: Path, work: Path, phase: int, on_policy: dict, steps: list, jobs: int,
-                      log=print) -> tuple[list[dict], bool]:
+                      log=print, basis_rank: int | None = None) -> tuple[list[dict], bool]:
     """``(rows, from_cache)``: phase ``phase``'s on-policy samples: the critic as it stands (saved to ``work``) guides the first
     ``on_policy["objects"]`` critic-split objects at :func:`on_policy_lams`; one :func:`matching_sample`
     per step of each guided run (:func:`matching_samples` with ``lams``). Cached in ``work`` under the
@@ -318,17 +349,22 @@ def on_policy_samples(critic, weights: Path, work: Path, phase: int, on_policy: 
     models.save_critic(folder, critic.model)
     digest = models.sha256(folder / "model.safetensors")[:16]
     lams = on_policy_lams(on_policy)
-    cache = work / f"on_policy_{phase}_{on_policy['objects']}_{'-'.join(map(str, on_policy['lams']))}_{digest}.pt"
+    cache = work / f"on_policy_{phase}_{on_policy['objects']}_{'-'.join(map(str, on_policy['lams']))}{_rank_tag(basis_rank)}_{digest}.pt"
     from_cache = cache.exists()
     if from_cache:
         rows = torch.load(cache, weights_only=False)
         log(f"{len(rows)} on-policy samples from {cache}")
     else:
-        rows = sample_objects(weights, on_policy["objects"], steps, jobs, work, log, critic=str(folder), lams=lams)
+        rows = sample_objects(weights, on_policy["objects"], steps, jobs, work, log, critic=str(folder), lams=lams,
+                              basis_rank=basis_rank)
         torch.save(rows, cache)
         log(f"{len(rows)} on-policy samples (guided at lam {sorted(set(lams))}) -> {cache}")
     shutil.rmtree(folder, ignore_errors=True)
     return rows, from_cache
+
+
+def _rank_tag(basis_rank: int | None) -> str:
+    return f"_rank{basis_rank}" if basis_rank else ""
 
 
 def main(argv=None) -> int:
@@ -360,7 +396,10 @@ def main(argv=None) -> int:
         if earlier is None or not (weights / models.MATCHED_CRITIC_FOLDER).is_dir():
             parser.error(f"--resume-phase {args.resume_phase} needs a matched critic in {weights}; "
                          "run without --resume-phase first")
-        same = {k: v for k, v in earlier["sizes"].items() if k != "phases"} == {k: v for k, v in sizes.items() if k != "phases"}
+        # the basis rank matters to latent phases only: a recipe that adds one may resume after vertex phases
+        latent_before = any(phase_cosine(p) is latent_cosine for p in sizes["phases"][: args.resume_phase])
+        ignored = {"phases"} | (set() if latent_before else {"basis_rank"})
+        same = {k: v for k, v in earlier["sizes"].items() if k not in ignored} == {k: v for k, v in sizes.items() if k not in ignored}
         if not same or earlier["sizes"]["phases"] != sizes["phases"][: args.resume_phase]:
             parser.error(f"the matched critic in {weights} was not made by phases 0..{args.resume_phase - 1} of this "
                          f"recipe (its manifest: {earlier['sizes']}); run without --resume-phase")
@@ -376,14 +415,15 @@ def main(argv=None) -> int:
     def log(msg):
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
-    # the samples depend on the objects and steps only: cached under a name that says which
-    cache = work / f"samples_{sizes['objects']}_{'-'.join(map(str, sizes['steps']))}.pt"
+    # the samples depend on the objects, steps and basis rank only: cached under a name that says which
+    rank = sizes.get("basis_rank")  # samples carry latent bases when the recipe names a rank
+    cache = work / f"samples_{sizes['objects']}_{'-'.join(map(str, sizes['steps']))}{_rank_tag(rank)}.pt"
     t = time.perf_counter()
     if cache.exists():
         samples = torch.load(cache, weights_only=False)
         log(f"{len(samples)} matching samples from {cache}")
     else:
-        samples = sample_objects(weights, sizes["objects"], sizes["steps"], args.jobs, work, log)
+        samples = sample_objects(weights, sizes["objects"], sizes["steps"], args.jobs, work, log, basis_rank=rank)
         torch.save(samples, cache)
         times["samples"] = time.perf_counter() - t
     start_folder = models.MATCHED_CRITIC_FOLDER if args.resume_phase else models.CRITIC_FOLDER
@@ -396,7 +436,8 @@ def main(argv=None) -> int:
             continue
         if "on_policy" in phase:  # the critic as it stands guides; its runs' estimates join the samples
             t = time.perf_counter()
-            rows, cached = on_policy_samples(critic, weights, work, n, phase["on_policy"], sizes["steps"], args.jobs, log)
+            rows, cached = on_policy_samples(critic, weights, work, n, phase["on_policy"], sizes["steps"], args.jobs, log,
+                                             basis_rank=rank)
             on_policy_from_cache |= cached
             samples = samples + rows
             on_policy_count += len(rows)
