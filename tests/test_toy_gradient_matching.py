@@ -204,3 +204,11 @@ def test_the_toy_loads_the_shipped_matched_critic_by_default():
     with pytest.raises(ValueError, match="use 'matched'"):
         toy.load_pipeline(critic="best")
 
+
+def test_the_shipped_matched_critic_was_made_by_the_current_recipe():
+    """The manifest's recipe is the module's (a change to MATCHING must come with weights made by it),
+    with one held-out history per phase."""
+    matching = models.verify_weights()["matching"]
+    assert matching["sizes"] == json.loads(json.dumps(gm.MATCHING))
+    assert len(matching["held_out_cosine"]) == len(gm.MATCHING["phases"])
+    assert matching["command"].endswith("--resume-phase 4")

@@ -58,7 +58,7 @@ TINY_DEFAULTS = dict(steps=8, octree_resolution=64, grid_resolution=32, render_s
 # --toy: the trained toy world shipped in the package (vlm3d_guidance.toy); its defaults are the toy's own
 # (toy.TOY_GUIDANCE and toy.TOY_SAMPLING, repeated here to keep this module free of torch; a test
 # keeps them equal).
-TOY_DEFAULTS = dict(steps=25, guidance_scale=5.0, lam=0.01, octree_resolution=64, grid_resolution=32,
+TOY_DEFAULTS = dict(steps=25, guidance_scale=5.0, lam=0.02, octree_resolution=64, grid_resolution=32,
                     coarse_to_fine=False, render_size=140, views=4, backend="torch", num_chunks=20000,
                     device="cpu", critic_device=None, sheet_size=140)
 TOY_MODEL_PATH, TOY_SUBFOLDER, TOY_CRITIC = "vlm3d-toy/Hunyuan3D-toy", "hunyuan3d-dit-toy", "toy:critic-matched"
