@@ -121,3 +121,15 @@ def test_a_latent_phase_raises_the_training_samples_latent_cosine(samples):
     print(f"\ntraining samples' latent cosine {before:+.3f} -> {after:+.3f}; held out {[h['all'] for h in history]}")
     assert after > before + 0.1
     assert len(history) == 4
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (dict(phases=[dict(epochs=1, space="pixels")]), "use 'vertex' or 'latent'"),
+    (dict(basis_rank=None, phases=[dict(epochs=1, space="latent")]), "has a latent phase but no basis_rank"),
+])
+def test_a_recipe_the_command_cannot_train_is_refused_before_any_work(tmp_path, monkeypatch, capsys, recipe, message):
+    monkeypatch.setattr(gm, "QUICK", dict(gm.QUICK, **recipe))
+    with pytest.raises(SystemExit):
+        gm.main(["--quick", "--work", str(tmp_path / "work")])
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "work").exists()

@@ -389,6 +389,12 @@ def main(argv=None) -> int:
     sizes = QUICK if args.quick else MATCHING
     if args.threads < 1 or args.jobs < 1:
         parser.error("--threads and --jobs must be at least 1")
+    try:  # the recipe, before any work: every phase's space known, latent phases with bases to train on
+        latent = [phase_cosine(p) is latent_cosine for p in sizes["phases"]]
+    except ValueError as err:
+        parser.error(f"the recipe's {err}")
+    if any(latent) and not sizes.get("basis_rank"):
+        parser.error("the recipe has a latent phase but no basis_rank: its samples need latent bases (basis_rank=24)")
     if not 0 <= args.resume_phase < len(sizes["phases"]):
         parser.error(f"--resume-phase must be in 0..{len(sizes['phases']) - 1} (the recipe has {len(sizes['phases'])} phases)")
     earlier = manifest.get("matching")
