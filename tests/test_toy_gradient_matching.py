@@ -212,3 +212,9 @@ def test_the_shipped_matched_critic_was_made_by_the_current_recipe():
     assert matching["sizes"] == json.loads(json.dumps(gm.MATCHING))
     assert len(matching["held_out_cosine"]) == len(gm.MATCHING["phases"])
     assert matching["command"].endswith("--resume-phase 4")
+
+
+def test_a_later_resume_states_its_provenance_prefix_once():
+    earlier = "phases 0-2 and the wall times without 'resumed_': made by scripts"
+    assert gm._without_resume_prefix(earlier) == "made by scripts"
+    assert gm._without_resume_prefix("made by scripts") == "made by scripts"

@@ -363,6 +363,14 @@ def on_policy_samples(critic, weights: Path, work: Path, phase: int, on_policy: 
     return rows, from_cache
 
 
+def _without_resume_prefix(provenance: str) -> str:
+    """An earlier resume's provenance without its leading "phases 0-K and the wall times without
+    'resumed_': " (a later resume states its own, instead of nesting them)."""
+    import re
+
+    return re.sub(r"^phases 0-\d+ and the wall times without 'resumed_': ", "", provenance)
+
+
 def _rank_tag(basis_rank: int | None) -> str:
     return f"_rank{basis_rank}" if basis_rank else ""
 
@@ -477,7 +485,7 @@ def main(argv=None) -> int:
         on_policy_from_cache=on_policy_from_cache,
         held_out_cosine=history, wall_seconds=wall, total_wall_seconds=round(total, 1),
         **({"provenance": f"phases 0-{args.resume_phase - 1} and the wall times without 'resumed_': "
-            + earlier["provenance"]} if args.resume_phase and "provenance" in earlier else {}))
+            + _without_resume_prefix(earlier["provenance"])} if args.resume_phase and "provenance" in earlier else {}))
     manifest["total_bytes"] = sum((weights / rel).stat().st_size for rel in manifest["files"])
     (weights / models.MANIFEST).write_text(json.dumps(manifest, indent=2))
     log(f"matched critic in {target}; {manifest['matching']['total_wall_seconds']:.0f} s")
