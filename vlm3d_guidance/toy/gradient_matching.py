@@ -411,8 +411,7 @@ def main(argv=None) -> int:
             parser.error(f"--resume-phase {args.resume_phase} needs a matched critic in {weights}; "
                          "run without --resume-phase first")
         # the basis rank matters to latent phases only: a recipe that adds one may resume after vertex phases
-        latent_before = any(phase_cosine(p) is latent_cosine for p in sizes["phases"][: args.resume_phase])
-        ignored = {"phases"} | (set() if latent_before else {"basis_rank"})
+        ignored = {"phases"} | (set() if any(latent[: args.resume_phase]) else {"basis_rank"})
         same = {k: v for k, v in earlier["sizes"].items() if k not in ignored} == {k: v for k, v in sizes.items() if k not in ignored}
         if not same or earlier["sizes"]["phases"] != sizes["phases"][: args.resume_phase]:
             parser.error(f"the matched critic in {weights} was not made by phases 0..{args.resume_phase - 1} of this "
