@@ -218,3 +218,44 @@ def test_a_later_resume_states_its_provenance_prefix_once():
     earlier = "phases 0-2 and the wall times without 'resumed_': made by scripts"
     assert gm._without_resume_prefix(earlier) == "made by scripts"
     assert gm._without_resume_prefix("made by scripts") == "made by scripts"
+
+
+def test_held_out_blocks_keep_the_first_blocks_split_and_hold_out_a_share_of_each_later_block():
+    """A recipe that adds objects for a later phase (bounds [280, 400]) holds out exactly the objects
+    the 280-object recipe held out below 280, and 10 % of objects 280-399 besides."""
+    samples = [dict(i=i) for i in range(400) for _ in range(2)]
+    first = [s for s in samples if s["i"] < 280]
+    _, held_280 = gm.held_out_split(first, 0.1, np.random.default_rng(0))
+    _, held_280_blocks = gm.held_out_split(first, 0.1, np.random.default_rng(0), [280], seed=0)
+    train, held = gm.held_out_split(samples, 0.1, np.random.default_rng(0), [280, 400], seed=0)
+    old = {first[k]["i"] for k in held_280}
+    assert {first[k]["i"] for k in held_280_blocks} == old and len(old) == 28
+    held_objects = {samples[k]["i"] for k in held}
+    assert {i for i in held_objects if i < 280} == old
+    assert len([i for i in held_objects if i >= 280]) == 12
+    assert not held_objects & {samples[k]["i"] for k in train} and len(train) + len(held) == len(samples)
+    assert gm.object_blocks(dict(objects=400, phases=[dict(objects=280), dict()])) == [280, 400]
+    assert gm.object_blocks(gm.MATCHING) == sorted({gm.phase_objects(p, gm.MATCHING) for p in gm.MATCHING["phases"]} | {gm.MATCHING["objects"]})
+
+
+def test_a_recipe_that_adds_objects_extends_the_sample_cache_and_resumes_from_the_smaller_one(tmp_path, monkeypatch, capsys):
+    weights, work = base_only_weights(tmp_path / "weights"), tmp_path / "work"
+    monkeypatch.setattr(gm, "QUICK", dict(gm.QUICK, objects=2, phases=[dict(epochs=1)]))
+    assert gm.main(["--quick", "--weights", str(weights), "--work", str(work)]) == 0
+    two = torch.load(work / gm._cache_name(2, gm.QUICK["steps"], gm.QUICK["basis_rank"]), weights_only=False)
+    monkeypatch.setattr(gm, "QUICK", dict(gm.QUICK, objects=3, phases=[dict(epochs=1, objects=4)]))
+    with pytest.raises(SystemExit):  # refused before any work
+        gm.main(["--quick", "--resume-phase", "1", "--weights", str(weights), "--work", str(work)])
+    assert "every phase's objects must be in 1..3" in capsys.readouterr().err
+    monkeypatch.setattr(gm, "QUICK", dict(gm.QUICK, objects=3, phases=[dict(epochs=1, objects=2), dict(epochs=1, space="latent")]))
+    assert gm.main(["--quick", "--resume-phase", "1", "--weights", str(weights), "--work", str(work)]) == 0
+    assert "matching samples of objects 0-1 from" in capsys.readouterr().out
+    three = torch.load(work / gm._cache_name(3, gm.QUICK["steps"], gm.QUICK["basis_rank"]), weights_only=False)
+    alone = gm.range_samples(weights, 3, 2, 3, gm.QUICK["steps"], log=lambda msg: None, basis_rank=gm.QUICK["basis_rank"])
+    assert [(s["i"], s["step"]) for s in three] == [(s["i"], s["step"]) for s in two + alone] and len(three) == 6
+    for a, b in zip(three, two + alone):
+        for key in ("verts", "V", "t_verts", "basis", "t_latent"):
+            assert torch.equal(a[key], b[key]), key
+    matching = models.verify_weights(weights)["matching"]
+    assert set(matching["wall_seconds"]) == {"samples", "phase_0", "resumed_samples_2_to_3", "resumed_phase_1"}
+    assert len(matching["held_out_cosine"]) == 2 and matching["samples"] == 6 and not matching["samples_from_cache"]

@@ -34,9 +34,12 @@ manifest). A phase with ``on_policy`` first lets the critic as it stands guide t
 estimates its guided steps judged as samples (:func:`on_policy_samples`): guidance takes the run to
 estimates the stock sampler never makes, and there the critic's gradient agreed far less (P4: +0.73
 at stock estimates, +0.30 on lam 0.05 runs, negative at their last steps). The shipped recipe has no
-such phase: one was tried (``benchmarks/toy_experiments/on_policy.py``) and not shipped. ``--jobs N``
-makes the samples in N processes (the same rows); ``--resume-phase K`` starts from the folder's
-matched critic, made by phases ``0..K-1`` of the same recipe, and runs the rest.
+such phase: one was tried (``benchmarks/toy_experiments/on_policy.py``) and not shipped. A phase with
+``objects=N`` trains on the first N objects only, so a recipe may add objects for its later phases
+(the held-out split keeps each block of objects apart: :func:`held_out_split`). ``--jobs N`` makes
+the samples in N processes (the same rows); a cache of fewer objects with the same steps and rank is
+extended rather than made again; ``--resume-phase K`` starts from the folder's matched critic, made
+by phases ``0..K-1`` of the same recipe, and runs the rest.
 The shipped matched critic is the one these settings describe: phases 0-2 were run as separate
 scripts over several sessions (``benchmarks/toy_experiments/gradient_matching_*``), phase 3 by this
 command (``--resume-phase 3``, its samples made again by this module), phase 4 by this command
@@ -210,15 +213,16 @@ def range_samples(weights, objects: int, start: int, stop: int, steps: list, log
 
 
 def sample_objects(weights: Path, objects: int, steps: list, jobs: int, work: Path, log=print,
-                   critic: str | None = None, lams: list | None = None, basis_rank: int | None = None) -> list[dict]:
-    """:func:`range_samples` of the first ``objects`` critic-split objects: in this process when
+                   critic: str | None = None, lams: list | None = None, basis_rank: int | None = None,
+                   start: int = 0) -> list[dict]:
+    """:func:`range_samples` of critic-split objects ``start .. objects-1``: in this process when
     ``jobs`` is 1, else split into ``jobs`` contiguous ranges run in spawned processes of one thread
     each; the same rows, in the same order, either way (each object samples with its own seed)."""
     import multiprocessing
 
     if jobs <= 1:
-        return range_samples(weights, objects, 0, objects, steps, log, critic=critic, lams=lams, basis_rank=basis_rank)
-    bounds = np.linspace(0, objects, jobs + 1).round().astype(int)
+        return range_samples(weights, objects, start, objects, steps, log, critic=critic, lams=lams, basis_rank=basis_rank)
+    bounds = np.linspace(start, objects, jobs + 1).round().astype(int)
     kind = "samples" if critic is None else "on_policy"
     tasks = [(str(weights), objects, int(a), int(b), list(steps), str(work / f"{kind}_part_{a}_{b}.pt"), critic, lams,
               basis_rank)
@@ -255,13 +259,36 @@ def matching_cosine(critic, sample: dict, cfg, create_graph: bool = False):
     return reward, F.cosine_similarity(grad.flatten(), sample["t_verts"].flatten(), dim=0)
 
 
-def held_out_split(samples: list[dict], share: float, rng: np.random.Generator) -> tuple[list[int], list[int]]:
-    """``(train, held)`` sample indices: ``share`` of the objects (``sample["i"]``, drawn by a
-    permutation from ``rng``) held out whole."""
+def held_out_split(samples: list[dict], share: float, rng: np.random.Generator,
+                   bounds: list[int] | None = None, seed: int = 0) -> tuple[list[int], list[int]]:
+    """``(train, held)`` sample indices: ``share`` of the objects (``sample["i"]``) held out whole.
+
+    Without ``bounds`` the held-out objects are drawn by one permutation from ``rng``. With increasing
+    object counts ``bounds`` (:func:`object_blocks`), each block is split on its own: objects below
+    ``bounds[0]`` by the permutation from ``rng``, objects in ``[bounds[b-1], bounds[b])`` by one from
+    ``np.random.default_rng([seed, bounds[b-1]])``. So a recipe that adds objects for a later phase
+    keeps the earlier phases' split, and nothing an earlier phase trained on is held out later.
+    """
     objects = sorted({s["i"] for s in samples})
-    held_objects = set(rng.permutation(objects)[: max(1, int(len(objects) * share))].tolist())
+    edges = [0] + list(bounds or [max(objects) + 1])
+    held_objects: set = set()
+    for b, (lo, hi) in enumerate(zip(edges[:-1], edges[1:])):
+        block = [i for i in objects if lo <= i < hi]
+        draw = rng if b == 0 else np.random.default_rng([seed, lo])
+        held_objects |= set(draw.permutation(block)[: max(1, int(len(block) * share))].tolist()) if block else set()
     train = [k for k, s in enumerate(samples) if s["i"] not in held_objects]
     return train, [k for k, s in enumerate(samples) if s["i"] in held_objects]
+
+
+def phase_objects(phase: dict, sizes: dict) -> int:
+    """How many critic-split objects (the first ones) a phase trains and holds out on: ``phase["objects"]``,
+    by default all of the recipe's ``sizes["objects"]``."""
+    return phase.get("objects", sizes["objects"])
+
+
+def object_blocks(sizes: dict) -> list[int]:
+    """The recipe's object counts, increasing: the blocks :func:`held_out_split` splits one by one."""
+    return sorted({phase_objects(p, sizes) for p in sizes["phases"]} | {sizes["objects"]})
 
 
 def phase_cosine(phase: dict):
@@ -287,17 +314,21 @@ def train_phase(critic, samples: list[dict], phase: dict, sizes: dict, cfg, log=
     """One phase of matching: ``phase["epochs"]`` epochs of AdamW (``sizes["lr"]`` one-cycle, weight
     decay 0.01, gradient clip 1.0, batch ``sizes["batch"]``) on the loss of the module docstring,
     anchored to the rewards the critic gives at the phase's start. ``phase["class_repeat"]`` shows a
-    class's training samples that many times per epoch; ``phase["space"]`` picks the cosine
+    class's training samples that many times per epoch; ``phase["objects"]`` limits the phase to the
+    first that many objects (:func:`phase_objects`; the held-out split: :func:`held_out_split` over
+    :func:`object_blocks`); ``phase["space"]`` picks the cosine
     (:func:`phase_cosine`; a latent phase needs samples with bases). Returns the held-out cosine per
     epoch, in the phase's space (the first entry: before training)."""
     cosine = phase_cosine(phase)
     rng = np.random.default_rng(sizes["seed"])  # the split, then the epochs' shuffles: the same every phase
-    train, held = held_out_split(samples, sizes["held_share"], rng)
+    train, held = held_out_split(samples, sizes["held_share"], rng, object_blocks(sizes), sizes["seed"])
+    limit = phase_objects(phase, sizes)
+    train, held = ([k for k in idx if samples[k]["i"] < limit] for idx in (train, held))
     repeat = phase.get("class_repeat", {})
     train = [k for k in train for _ in range(repeat.get(samples[k]["cls"], 1))]
     model = critic.model
     with torch.no_grad():
-        start_reward = [float(critic.reward(s["V"].float() / 255, s["prompt"])) for s in samples]
+        start_reward = {k: float(critic.reward(samples[k]["V"].float() / 255, samples[k]["prompt"])) for k in sorted(set(train))}
     history = [held_out_cosine(critic, samples, held, cfg, cosine)]
     log(f"matching phase {phase}: {len(train)} training samples, {len(held)} held out; before {history[0]}")
     model.requires_grad_(True)
@@ -375,6 +406,23 @@ def _rank_tag(basis_rank: int | None) -> str:
     return f"_rank{basis_rank}" if basis_rank else ""
 
 
+def _cache_name(objects: int, steps: list, basis_rank: int | None) -> str:
+    """The sample cache's file name: the samples depend on the objects, steps and basis rank only."""
+    return f"samples_{objects}_{'-'.join(map(str, steps))}{_rank_tag(basis_rank)}.pt"
+
+
+def _smaller_cache(work: Path, objects: int, steps: list, basis_rank: int | None) -> tuple[int, Path] | None:
+    """``(n, path)``: the cache in ``work`` of the most objects ``n < objects`` with the same steps and
+    basis rank (its samples are those of objects ``0..n-1``, the same in any larger run), or None."""
+    found = [(n, work / _cache_name(n, steps, basis_rank)) for n in range(objects - 1, 0, -1)]
+    return next(((n, p) for n, p in found if p.exists()), None)
+
+
+def _explicit_objects(sizes: dict) -> list[dict]:
+    """The recipe's phases, each with its object count written out (:func:`phase_objects`)."""
+    return [dict(p, objects=phase_objects(p, sizes)) for p in sizes["phases"]]
+
+
 def main(argv=None) -> int:
     from ..critic import VLMCritic
     from .config import TOY_GUIDANCE
@@ -403,6 +451,8 @@ def main(argv=None) -> int:
         parser.error(f"the recipe's {err}")
     if any(latent) and not sizes.get("basis_rank"):
         parser.error("the recipe has a latent phase but no basis_rank: its samples need latent bases (basis_rank=24)")
+    if not all(1 <= phase_objects(p, sizes) <= sizes["objects"] for p in sizes["phases"]):
+        parser.error(f"every phase's objects must be in 1..{sizes['objects']} (the recipe's objects)")
     if not 0 <= args.resume_phase < len(sizes["phases"]):
         parser.error(f"--resume-phase must be in 0..{len(sizes['phases']) - 1} (the recipe has {len(sizes['phases'])} phases)")
     earlier = manifest.get("matching")
@@ -410,10 +460,11 @@ def main(argv=None) -> int:
         if earlier is None or not (weights / models.MATCHED_CRITIC_FOLDER).is_dir():
             parser.error(f"--resume-phase {args.resume_phase} needs a matched critic in {weights}; "
                          "run without --resume-phase first")
-        # the basis rank matters to latent phases only: a recipe that adds one may resume after vertex phases
-        ignored = {"phases"} | (set() if any(latent[: args.resume_phase]) else {"basis_rank"})
+        # the basis rank matters to latent phases only: a recipe that adds one may resume after vertex phases;
+        # the object count per phase: a recipe may add objects for its later phases
+        ignored = {"phases", "objects"} | (set() if any(latent[: args.resume_phase]) else {"basis_rank"})
         same = {k: v for k, v in earlier["sizes"].items() if k not in ignored} == {k: v for k, v in sizes.items() if k not in ignored}
-        if not same or earlier["sizes"]["phases"] != sizes["phases"][: args.resume_phase]:
+        if not same or _explicit_objects(earlier["sizes"]) != _explicit_objects(sizes)[: args.resume_phase]:
             parser.error(f"the matched critic in {weights} was not made by phases 0..{args.resume_phase - 1} of this "
                          f"recipe (its manifest: {earlier['sizes']}); run without --resume-phase")
     skipped_on_policy = [n for n, phase in enumerate(sizes["phases"][: args.resume_phase]) if "on_policy" in phase]
@@ -430,11 +481,20 @@ def main(argv=None) -> int:
 
     # the samples depend on the objects, steps and basis rank only: cached under a name that says which
     rank = sizes.get("basis_rank")  # samples carry latent bases when the recipe names a rank
-    cache = work / f"samples_{sizes['objects']}_{'-'.join(map(str, sizes['steps']))}{_rank_tag(rank)}.pt"
+    cache = work / _cache_name(sizes["objects"], sizes["steps"], rank)
     t = time.perf_counter()
+    smaller = _smaller_cache(work, sizes["objects"], sizes["steps"], rank)
     if cache.exists():
         samples = torch.load(cache, weights_only=False)
         log(f"{len(samples)} matching samples from {cache}")
+    elif smaller is not None:  # the first objects' samples are cached: make only the others
+        first, path = smaller
+        samples = torch.load(path, weights_only=False)
+        log(f"{len(samples)} matching samples of objects 0-{first - 1} from {path}")
+        samples = samples + sample_objects(weights, sizes["objects"], sizes["steps"], args.jobs, work, log,
+                                           basis_rank=rank, start=first)
+        torch.save(samples, cache)
+        times[f"samples_{first}_to_{sizes['objects']}"] = time.perf_counter() - t
     else:
         samples = sample_objects(weights, sizes["objects"], sizes["steps"], args.jobs, work, log, basis_rank=rank)
         torch.save(samples, cache)
@@ -480,7 +540,7 @@ def main(argv=None) -> int:
     total = sum(v for k, v in wall.items() if not (k == "resumed_samples" and "samples" in wall))
     manifest["matching"] = dict(
         command=command, sizes=sizes, samples=len(samples) - on_policy_count, on_policy_samples=on_policy_count,
-        samples_from_cache="samples" not in times,
+        samples_from_cache=not any(k.startswith("samples") for k in times),
         on_policy_from_cache=on_policy_from_cache,
         held_out_cosine=history, wall_seconds=wall, total_wall_seconds=round(total, 1),
         **({"provenance": f"phases 0-{args.resume_phase - 1} and the wall times without 'resumed_': "
