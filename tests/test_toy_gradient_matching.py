@@ -259,3 +259,4 @@ def test_a_recipe_that_adds_objects_extends_the_sample_cache_and_resumes_from_th
     matching = models.verify_weights(weights)["matching"]
     assert set(matching["wall_seconds"]) == {"samples", "phase_0", "resumed_samples_2_to_3", "resumed_phase_1"}
     assert len(matching["held_out_cosine"]) == 2 and matching["samples"] == 6 and not matching["samples_from_cache"]
+    assert matching["samples_of_first_objects_from_cache"] == 2  # their time is not in this run's wall times

@@ -484,11 +484,13 @@ def main(argv=None) -> int:
     cache = work / _cache_name(sizes["objects"], sizes["steps"], rank)
     t = time.perf_counter()
     smaller = _smaller_cache(work, sizes["objects"], sizes["steps"], rank)
+    extended_from = None  # the objects whose samples came from a smaller cache (their time is not in this run's)
     if cache.exists():
         samples = torch.load(cache, weights_only=False)
         log(f"{len(samples)} matching samples from {cache}")
     elif smaller is not None:  # the first objects' samples are cached: make only the others
         first, path = smaller
+        extended_from = first
         samples = torch.load(path, weights_only=False)
         log(f"{len(samples)} matching samples of objects 0-{first - 1} from {path}")
         samples = samples + sample_objects(weights, sizes["objects"], sizes["steps"], args.jobs, work, log,
@@ -543,6 +545,7 @@ def main(argv=None) -> int:
         samples_from_cache=not any(k.startswith("samples") for k in times),
         on_policy_from_cache=on_policy_from_cache,
         held_out_cosine=history, wall_seconds=wall, total_wall_seconds=round(total, 1),
+        **({"samples_of_first_objects_from_cache": extended_from} if extended_from else {}),
         **({"provenance": f"phases 0-{args.resume_phase - 1} and the wall times without 'resumed_': "
             + _without_resume_prefix(earlier["provenance"])} if args.resume_phase and "provenance" in earlier else {}))
     manifest["total_bytes"] = sum((weights / rel).stat().st_size for rel in manifest["files"])
