@@ -8,7 +8,9 @@ from the critic of phases 0-3 (P4's weights, commit 1f0ed6f) with ``--resume-pha
 
 WORK holds the 280-object cache (``samples_280_..._rank24.pt``); the command extends it to 400 objects
 (objects 280-399, about 18 s per object per process with ``--jobs 2``) or finds the extended cache.
-    python latent_matching_400.py compare WORK CRITIC_FOLDER ...   # held-out latent cosine, old vs new objects
+The held-out latent cosine of critics on the old and the new held-out objects:
+
+    python latent_matching_400.py compare WORK CRITIC_FOLDER ...
 
 Rows and logs: ``latent_matching_400_*``; numbers in benchmarks/RESULTS.md (thirteenth session).
 """
